@@ -1,0 +1,151 @@
+//! The qcow2 runtime: guest-to-host mapping, the L2 cache, reading through compressed
+//! clusters, subclusters, external data files and backing chains.
+
+pub mod decompress;
+pub mod l2cache;
+pub mod mapping;
+pub mod meta;
+mod read;
+
+use crate::device::{BlockDevice, LayerStatus, StatusKind};
+use crate::error::{Error, Result};
+use crate::format::be::u64_table;
+use crate::storage::Storage;
+use l2cache::L2Cache;
+use meta::ImageMeta;
+use std::sync::Arc;
+
+/// Options for the qcow2 runtime.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Bytes of decoded L2 tables to keep in memory; `None` picks enough to cover the
+    /// whole disk, up to 32 MiB (QEMU's default policy).
+    pub l2_cache_bytes: Option<u64>,
+}
+
+/// Default upper bound for the L2 cache.
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+
+/// An open qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2 {
+    meta: ImageMeta,
+    storage: Arc<dyn Storage>,
+    /// The external data file, when the image has one; guest data lives there.
+    data_file: Option<Arc<dyn Storage>>,
+    backing: Option<Arc<dyn BlockDevice>>,
+    l1: Vec<u64>,
+    l2_cache: L2Cache,
+    /// Whether some allocated clusters may be holes in the file, so block status
+    /// must ask the file (images with preallocation=metadata).
+    file_may_have_holes: bool,
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image from its parsed metadata, the external data file (required
+    /// when the image names one) and the backing device (if it is to be used).
+    pub fn open(
+        meta: ImageMeta,
+        storage: Arc<dyn Storage>,
+        data_file: Option<Arc<dyn Storage>>,
+        backing: Option<Arc<dyn BlockDevice>>,
+        opts: &EngineOptions,
+    ) -> Result<Qcow2> {
+        let h = &meta.header;
+        if h.has_data_file() && data_file.is_none() {
+            return Err(Error::InvalidArgument(
+                "the image needs its external data file".into(),
+            ));
+        }
+        let mut raw = vec![0u8; h.l1_size as usize * 8];
+        storage.read_at(&mut raw, h.l1_table_offset)?;
+        let l1 = u64_table(&raw);
+        let cs = h.cluster_size();
+        let want = opts
+            .l2_cache_bytes
+            .unwrap_or_else(|| (l1.len() as u64 * cs).min(DEFAULT_L2_CACHE_MAX));
+        let tables = (want / cs).max(4) as usize;
+        let file_may_have_holes = match storage.allocated_bytes()? {
+            Some(a) => a < meta.file_len,
+            None => false,
+        };
+        Ok(Qcow2 {
+            l2_cache: L2Cache::new(tables),
+            meta,
+            storage,
+            data_file,
+            backing,
+            l1,
+            file_may_have_holes,
+        })
+    }
+
+    pub fn meta(&self) -> &ImageMeta {
+        &self.meta
+    }
+
+    pub fn header(&self) -> &crate::format::header::Header {
+        &self.meta.header
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.meta.header.cluster_size()
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn data_storage(&self) -> &Arc<dyn Storage> {
+        self.data_file.as_ref().unwrap_or(&self.storage)
+    }
+
+    pub fn l2_cache_capacity(&self) -> usize {
+        self.l2_cache.capacity()
+    }
+
+    pub fn backing_device(&self) -> Option<&Arc<dyn BlockDevice>> {
+        self.backing.as_ref()
+    }
+}
+
+impl BlockDevice for Qcow2 {
+    fn size(&self) -> u64 {
+        self.meta.header.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        crate::device::check_range(offset, buf.len() as u64, self.size())?;
+        self.read_range(buf, offset)
+    }
+
+    fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        crate::device::check_range(offset, len, self.size())?;
+        let (run, n) = self.lookup_run(offset, len)?;
+        let mut st = run.status(n);
+        if st.kind == StatusKind::Data
+            && !st.compressed
+            && self.file_may_have_holes
+            && self.data_file.is_none()
+        {
+            if let Some(host) = st.offset {
+                match self.storage.extent_at(host, st.len)? {
+                    crate::storage::Extent::Hole(h) => {
+                        st.len = h.clamp(1, st.len);
+                        st.file_zero = true;
+                    }
+                    crate::storage::Extent::Data(d) => st.len = d.clamp(1, st.len),
+                }
+            }
+        }
+        Ok(st)
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref()
+    }
+
+    fn format_name(&self) -> &'static str {
+        "qcow2"
+    }
+}

@@ -1,0 +1,302 @@
+//! The public face: open an image of any supported format, with its backing chain and
+//! external data file, as one [`BlockDevice`].
+
+use crate::device::{BlockDevice, LayerStatus};
+use crate::engine::meta::ImageMeta;
+use crate::engine::{EngineOptions, Qcow2};
+use crate::error::{Error, Result};
+use crate::format::header::MAGIC;
+use crate::raw::RawImage;
+use crate::storage::{FileStorage, Storage};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Image formats oxcow reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+
+    /// Parses a format name as given to `-f` or stored in a backing format extension.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "qcow2" => Ok(Format::Qcow2),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::Unsupported(format!("Unknown driver '{other}'"))),
+        }
+    }
+}
+
+/// The deepest backing chain oxcow opens.
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// The format; `None` probes (qcow2 magic, otherwise raw).
+    pub format: Option<Format>,
+    /// Do not open the backing file: unallocated ranges read as zeros.
+    pub no_backing: bool,
+    /// Bytes of L2 cache per qcow2 image; `None` for the default policy.
+    pub l2_cache_bytes: Option<u64>,
+    /// Deepest chain accepted.
+    pub max_chain_depth: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            format: None,
+            no_backing: false,
+            l2_cache_bytes: None,
+            max_chain_depth: MAX_CHAIN_DEPTH,
+        }
+    }
+}
+
+/// An open image: a qcow2 or raw file, and below it its backing chain.
+#[derive(Debug)]
+pub struct Image {
+    filename: String,
+    format: Format,
+    file: Arc<dyn Storage>,
+    dev: Arc<dyn BlockDevice>,
+    qcow2: Option<Arc<Qcow2>>,
+    backing: Option<Arc<Image>>,
+    data_file: Option<String>,
+}
+
+impl Image {
+    /// Opens the image at `path`, read-only.
+    pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
+        let path = path.as_ref();
+        let mut seen = Vec::new();
+        Self::open_layer(&path.to_string_lossy(), opts.format, opts, &mut seen)
+    }
+
+    fn open_layer(
+        filename: &str,
+        format: Option<Format>,
+        opts: &OpenOptions,
+        seen: &mut Vec<(u64, u64)>,
+    ) -> Result<Image> {
+        if seen.len() >= opts.max_chain_depth {
+            return Err(Error::Backing(format!(
+                "Backing chain is deeper than {} images",
+                opts.max_chain_depth
+            )));
+        }
+        let path = Path::new(filename);
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, false).map_err(
+            |source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?);
+        if let Some(id) = storage.identity() {
+            if seen.contains(&id) {
+                return Err(Error::Backing(format!(
+                    "Backing chain loop: '{filename}' is already in the chain"
+                )));
+            }
+            seen.push(id);
+        } else {
+            seen.push((u64::MAX, seen.len() as u64));
+        }
+        let format = match format {
+            Some(f) => f,
+            None => probe(storage.as_ref())?,
+        };
+        match format {
+            Format::Raw => {
+                let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::open(storage.clone())?);
+                Ok(Image {
+                    filename: filename.to_string(),
+                    format,
+                    file: storage,
+                    dev,
+                    qcow2: None,
+                    backing: None,
+                    data_file: None,
+                })
+            }
+            Format::Qcow2 => {
+                let meta = ImageMeta::load(storage.as_ref())?;
+                let data_file = match &meta.data_file {
+                    Some(name) if meta.header.has_data_file() => {
+                        let p = local_path(&combine_paths(filename, name), "data file")?;
+                        let s = FileStorage::open(Path::new(&p), false).map_err(|source| {
+                            Error::Open {
+                                path: PathBuf::from(&p),
+                                source,
+                            }
+                        })?;
+                        Some((p, Arc::new(s) as Arc<dyn Storage>))
+                    }
+                    _ => None,
+                };
+                let backing = match (&meta.backing_file, opts.no_backing) {
+                    (Some(name), false) => {
+                        let full = local_path(&combine_paths(filename, name), "backing file")?;
+                        let fmt = meta
+                            .backing_format
+                            .as_deref()
+                            .map(Format::from_name)
+                            .transpose()?;
+                        let b = Self::open_layer(&full, fmt, opts, seen).map_err(|e| match e {
+                            Error::Open { path, source } => Error::Backing(format!(
+                                "Could not open backing file: Could not open '{}': {source}",
+                                path.display()
+                            )),
+                            other => other,
+                        })?;
+                        Some(Arc::new(b))
+                    }
+                    _ => None,
+                };
+                let engine = EngineOptions {
+                    l2_cache_bytes: opts.l2_cache_bytes,
+                };
+                let q = Arc::new(Qcow2::open(
+                    meta,
+                    storage.clone(),
+                    data_file.as_ref().map(|d| d.1.clone()),
+                    backing.clone().map(|b| b as Arc<dyn BlockDevice>),
+                    &engine,
+                )?);
+                Ok(Image {
+                    filename: filename.to_string(),
+                    format,
+                    file: storage,
+                    dev: q.clone(),
+                    qcow2: Some(q),
+                    backing,
+                    data_file: data_file.map(|d| d.0),
+                })
+            }
+        }
+    }
+
+    /// The file name as given (for backing files: as resolved from the overlay).
+    pub fn filename(&self) -> &str {
+        &self.filename
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The qcow2 runtime, for qcow2 images.
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        self.qcow2.as_deref()
+    }
+
+    /// The backing image, when it was opened.
+    pub fn backing_image(&self) -> Option<&Arc<Image>> {
+        self.backing.as_ref()
+    }
+
+    /// The storage holding the image file itself.
+    pub fn file(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    /// The resolved path of the external data file, if any.
+    pub fn data_file_path(&self) -> Option<&str> {
+        self.data_file.as_deref()
+    }
+
+    /// Bytes the image file occupies on disk (its allocated blocks).
+    pub fn allocated_file_bytes(&self) -> Result<Option<u64>> {
+        Ok(self.file.allocated_bytes()?)
+    }
+}
+
+impl BlockDevice for Image {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        self.dev.layer_status(offset, len)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref().map(|b| b as &dyn BlockDevice)
+    }
+    fn format_name(&self) -> &'static str {
+        self.format.name()
+    }
+}
+
+/// Probes a file's format: qcow2 by its magic, raw otherwise.
+pub fn probe(storage: &dyn Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    storage.read_at(&mut magic, 0)?;
+    if u32::from_be_bytes(magic) == MAGIC && storage.len()? >= 4 {
+        Ok(Format::Qcow2)
+    } else {
+        Ok(Format::Raw)
+    }
+}
+
+/// Resolves a name stored in an image against the image's own location, as QEMU
+/// does: relative names are relative to the directory of the image that names them.
+pub fn combine_paths(base_image: &str, name: &str) -> String {
+    if name.starts_with('/') || name.is_empty() {
+        return name.to_string();
+    }
+    match base_image.rfind('/') {
+        Some(i) => format!("{}{}", &base_image[..=i], name),
+        None => name.to_string(),
+    }
+}
+
+/// Accepts only local file names: a `json:` or `protocol:` name stored in an image is
+/// refused (a plain `file:` prefix is removed).
+pub fn local_path(name: &str, what: &str) -> Result<String> {
+    let stop = name.find(['/', ':']);
+    if let Some(i) = stop {
+        if name.as_bytes()[i] == b':' {
+            let proto = &name[..i];
+            if proto == "file" {
+                return Ok(name[i + 1..].to_string());
+            }
+            return Err(Error::Backing(format!("The {what} name '{name}' uses the protocol '{proto}'; only local files are supported")));
+        }
+    }
+    Ok(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combine_like_qemu() {
+        assert_eq!(
+            combine_paths("/a/b/over.qcow2", "base.qcow2"),
+            "/a/b/base.qcow2"
+        );
+        assert_eq!(combine_paths("over.qcow2", "base.qcow2"), "base.qcow2");
+        assert_eq!(combine_paths("d/over.qcow2", "/abs/base"), "/abs/base");
+        assert_eq!(combine_paths("d/over.qcow2", "../base"), "d/../base");
+    }
+
+    #[test]
+    fn protocols_refused() {
+        assert!(local_path("json:{\"x\":1}", "backing file").is_err());
+        assert!(local_path("nbd://host/x", "backing file").is_err());
+        assert_eq!(local_path("file:/x/y", "backing file").unwrap(), "/x/y");
+        assert_eq!(local_path("dir/a:b", "backing file").unwrap(), "dir/a:b");
+    }
+}

@@ -1,0 +1,19 @@
+//! oxcow: the qcow2 disk image format in Rust.
+//!
+//! Layers, from the top: [`image`] (open any image as a [`BlockDevice`]), [`engine`]
+//! (the qcow2 runtime), [`format`] (pure codecs of on-disk structures) and [`storage`]
+//! (where bytes live). See docs/ARCHITECTURE.md.
+
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod format;
+pub mod image;
+pub mod raw;
+pub mod storage;
+
+pub use device::{block_status, BlockDevice, BlockStatus, LayerStatus, StatusKind};
+pub use engine::Qcow2;
+pub use error::{Error, Result};
+pub use image::{Format, Image, OpenOptions};
+pub use raw::RawImage;

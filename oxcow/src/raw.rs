@@ -1,0 +1,57 @@
+//! Raw images: the guest disk is the file itself.
+
+use crate::device::{check_range, BlockDevice, LayerStatus, StatusKind};
+use crate::error::Result;
+use crate::storage::{Extent, Storage};
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct RawImage {
+    storage: Arc<dyn Storage>,
+    size: u64,
+}
+
+impl RawImage {
+    pub fn open(storage: Arc<dyn Storage>) -> Result<RawImage> {
+        let size = storage.len()?;
+        Ok(RawImage { storage, size })
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+}
+
+impl BlockDevice for RawImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        Ok(self.storage.read_at(buf, offset)?)
+    }
+
+    fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
+        check_range(offset, len, self.size)?;
+        let (kind, n) = match self.storage.extent_at(offset, len)? {
+            Extent::Data(n) => (StatusKind::Data, n),
+            Extent::Hole(n) => (StatusKind::Zero, n),
+        };
+        Ok(LayerStatus {
+            kind,
+            len: n.clamp(1, len.max(1)),
+            offset: Some(offset),
+            compressed: false,
+            file_zero: false,
+        })
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        None
+    }
+
+    fn format_name(&self) -> &'static str {
+        "raw"
+    }
+}
