@@ -1,0 +1,7 @@
+//! `compare`: being written.
+use crate::common::Ctx;
+
+pub fn run(ctx: &Ctx, _args: &[String]) -> u8 {
+    ctx.error("compare: not implemented yet");
+    1
+}

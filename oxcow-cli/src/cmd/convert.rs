@@ -1,0 +1,7 @@
+//! `convert`: being written.
+use crate::common::Ctx;
+
+pub fn run(ctx: &Ctx, _args: &[String]) -> u8 {
+    ctx.error("convert: not implemented yet");
+    1
+}

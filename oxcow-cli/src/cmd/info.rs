@@ -1,0 +1,7 @@
+//! `info`: being written.
+use crate::common::Ctx;
+
+pub fn run(ctx: &Ctx, _args: &[String]) -> u8 {
+    ctx.error("info: not implemented yet");
+    1
+}

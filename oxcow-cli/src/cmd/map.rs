@@ -1,0 +1,7 @@
+//! `map`: being written.
+use crate::common::Ctx;
+
+pub fn run(ctx: &Ctx, _args: &[String]) -> u8 {
+    ctx.error("map: not implemented yet");
+    1
+}

@@ -1,0 +1,33 @@
+//! Command dispatch: `oxcow COMMAND ARGS...` as `qemu-img COMMAND ARGS...`.
+
+use crate::common::Ctx;
+
+mod compare;
+mod convert;
+mod dd;
+mod info;
+mod map;
+
+pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
+    let Some(cmd) = args.first() else {
+        return ctx.usage_error("Not enough arguments");
+    };
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "info" => info::run(ctx, rest),
+        "map" => map::run(ctx, rest),
+        "compare" => compare::run(ctx, rest),
+        "convert" => convert::run(ctx, rest),
+        "dd" => dd::run(ctx, rest),
+        "-V" | "--version" => {
+            println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
+            0
+        }
+        "-h" | "--help" => {
+            println!("{} version {} (oxcow)\nusage: {} [standard options] command [command options]", ctx.prog, env!("CARGO_PKG_VERSION"), ctx.prog);
+            println!("Command syntax: info, map, compare, convert, dd (as qemu-img)");
+            0
+        }
+        other => ctx.usage_error(format!("Command not found: {other}")),
+    }
+}
