@@ -12,7 +12,7 @@ pub enum Error {
     Io(#[from] io::Error),
 
     /// A file could not be opened.
-    #[error("Could not open '{}': {source}", path.display())]
+    #[error("Could not open '{}': {}", path.display(), strerror(source))]
     Open { path: PathBuf, source: io::Error },
 
     /// A header field (or the header's shape) is invalid: the image is refused.
@@ -65,5 +65,14 @@ impl Error {
             field,
             reason: reason.into(),
         }
+    }
+}
+
+/// An I/O error as C's strerror words it, without Rust's " (os error N)".
+pub fn strerror(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }

@@ -132,7 +132,9 @@ impl Image {
                 let meta = ImageMeta::load(storage.as_ref())?;
                 let data_file = match &meta.data_file {
                     Some(name) if meta.header.has_data_file() => {
-                        let p = local_path(&combine_paths(filename, name), "data file")?;
+                        // QEMU opens a relative data file name from the current
+                        // directory (not the image's), and so does oxcow.
+                        let p = local_path(name, "data file")?;
                         let s = FileStorage::open(Path::new(&p), false).map_err(|source| {
                             Error::Open {
                                 path: PathBuf::from(&p),

@@ -4,6 +4,7 @@
 //! (the qcow2 runtime), [`format`] (pure codecs of on-disk structures) and [`storage`]
 //! (where bytes live). See docs/ARCHITECTURE.md.
 
+pub mod create;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -12,7 +13,9 @@ pub mod image;
 pub mod raw;
 pub mod storage;
 
+pub use create::create_qcow2;
 pub use device::{block_status, BlockDevice, BlockStatus, LayerStatus, StatusKind};
+pub use engine::create::{CreateOptions, Preallocation};
 pub use engine::Qcow2;
 pub use error::{Error, Result};
 pub use image::{Format, Image, OpenOptions};

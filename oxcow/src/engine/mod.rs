@@ -1,11 +1,13 @@
 //! The qcow2 runtime: guest-to-host mapping, the L2 cache, reading through compressed
 //! clusters, subclusters, external data files and backing chains.
 
+pub mod create;
 pub mod decompress;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
 mod read;
+pub mod refcounts;
 
 use crate::device::{BlockDevice, LayerStatus, StatusKind};
 use crate::error::{Error, Result};

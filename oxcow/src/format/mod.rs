@@ -3,6 +3,7 @@
 
 pub mod be;
 pub mod bitmap;
+pub mod cluster0;
 pub mod compressed;
 pub mod extension;
 pub mod header;
