@@ -116,7 +116,7 @@ impl CreateOptions {
                 "Extended L2 entries are only supported with cluster sizes of at least 16 KiB",
             );
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return bad("Image size must be a multiple of 512 bytes");
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {

@@ -204,7 +204,7 @@ fn load_bitmaps(
             "the bitmap directory is too large",
         ));
     }
-    if ext.directory_offset % h.cluster_size() != 0 || ext.directory_offset == 0 {
+    if !ext.directory_offset.is_multiple_of(h.cluster_size()) || ext.directory_offset == 0 {
         return Err(Error::header(
             "bitmaps extension",
             format!(

@@ -120,7 +120,7 @@ impl Refcounts {
 
     fn load_block(&mut self, io: &dyn Storage, offset: u64) -> Result<&mut Block> {
         if !self.blocks.contains_key(&offset) {
-            if offset % self.cluster_size() != 0 {
+            if !offset.is_multiple_of(self.cluster_size()) {
                 return Err(Error::corrupt(
                     format!("Refblock offset {offset:#x} unaligned"),
                     offset,

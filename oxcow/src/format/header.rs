@@ -231,7 +231,7 @@ impl Header {
                     format!("{} is smaller than 104", h.header_length),
                 ));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(Error::header(
                     "header_length",
                     format!("{} is not a multiple of 8", h.header_length),
@@ -338,7 +338,7 @@ impl Header {
                 self.l1_size as u64 * 8,
                 cs,
             )?;
-        } else if self.l1_table_offset % cs != 0 {
+        } else if !self.l1_table_offset.is_multiple_of(cs) {
             return Err(Error::header("l1_table_offset", "unaligned"));
         }
         if self.refcount_table_clusters == 0 {
@@ -435,7 +435,7 @@ fn check_table(field: &'static str, offset: u64, bytes: u64, cluster_size: u64) 
             "table at offset 0 overlaps the header",
         ));
     }
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(Error::header(
             field,
             format!("offset {offset:#x} is not aligned to a cluster"),
