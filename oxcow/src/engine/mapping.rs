@@ -109,7 +109,7 @@ impl Qcow2 {
         let entry = if h.has_extended_l2() {
             L2Entry::decode_extended(table[index * 2], table[index * 2 + 1], bits)
         } else {
-            L2Entry::decode(table[index], bits, h.data_file_raw())
+            L2Entry::decode(table[index], bits, h.has_data_file())
         };
         let run = match entry {
             L2Entry::Unallocated => Run::Unallocated,
@@ -152,7 +152,10 @@ impl Qcow2 {
                 Run::Compressed(d)
             }
             L2Entry::Extended {
-                host, alloc, zero, ..
+                host,
+                alloc,
+                zero,
+                copied,
             } => {
                 let sc_size = cs / SUBCLUSTERS as u64;
                 let sc = (in_cluster / sc_size) as u32;
@@ -160,13 +163,17 @@ impl Qcow2 {
                 if alloc & zero != 0 {
                     return Err(corrupt(format!("Invalid subcluster bitmap: allocated and zero bits both set ({alloc:#x}, {zero:#x})"), l2_offset));
                 }
-                if host == 0 && alloc != 0 && !h.data_file_raw() {
+                // Host offset 0 is a real cluster of an external data file: QEMU tells
+                // it from "no cluster" by the COPIED flag (data file clusters always
+                // have refcount 1).
+                let allocated = host != 0 || (h.has_data_file() && copied);
+                if !allocated && alloc != 0 {
                     return Err(corrupt(
                         "Subclusters allocated in an unallocated cluster".into(),
                         l2_offset,
                     ));
                 }
-                if host != 0 {
+                if allocated {
                     self.check_data_cluster(host, &corrupt)?;
                 }
                 let run = if alloc & (1 << sc) != 0 {
@@ -175,7 +182,7 @@ impl Qcow2 {
                     }
                 } else if zero & (1 << sc) != 0 {
                     Run::Zero {
-                        host: (host != 0).then_some(host + in_cluster),
+                        host: allocated.then_some(host + in_cluster),
                     }
                 } else {
                     Run::Unallocated
