@@ -14,8 +14,9 @@ use std::sync::Arc;
 /// What a run of guest bytes maps to in this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Run {
-    /// Not allocated here: the backing file shows through.
-    Unallocated,
+    /// Not allocated here: the backing file shows through. `host` is where an
+    /// allocated cluster of extended L2 entries holds the (unallocated) subcluster.
+    Unallocated { host: Option<u64> },
     /// Reads as zeros; `host` is where a preallocated run lies.
     Zero { host: Option<u64> },
     /// Data at `host` in the data storage, contiguous for the whole run.
@@ -27,7 +28,7 @@ pub enum Run {
 impl Run {
     pub fn status(&self, len: u64) -> LayerStatus {
         let (kind, offset, compressed) = match *self {
-            Run::Unallocated => (StatusKind::Unallocated, None, false),
+            Run::Unallocated { host } => (StatusKind::Unallocated, host, false),
             Run::Zero { host } => (StatusKind::Zero, host, false),
             Run::Data { host } => (StatusKind::Data, Some(host), false),
             Run::Compressed(_) => (StatusKind::Data, None, true),
@@ -47,6 +48,9 @@ impl Run {
             Run::Zero { host: Some(h) } => Run::Zero {
                 host: Some(h + delta),
             },
+            Run::Unallocated { host: Some(h) } => Run::Unallocated {
+                host: Some(h + delta),
+            },
             Run::Data { host } => Run::Data { host: host + delta },
             other => other,
         }
@@ -64,13 +68,13 @@ impl Qcow2 {
         let table_end = (offset / coverage + 1) * coverage;
         let max = len.min(table_end - offset);
         let Some(&l1_entry) = self.l1.get(l1_index) else {
-            return Ok((Run::Unallocated, max));
+            return Ok((Run::Unallocated { host: None }, max));
         };
         let l2_offset = l1l2::l1_l2_offset(l1_entry);
         if l2_offset == 0 {
-            return Ok((Run::Unallocated, max));
+            return Ok((Run::Unallocated { host: None }, max));
         }
-        if l2_offset % cs != 0 {
+        if !l2_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 format!("L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})"),
                 l2_offset,
@@ -112,7 +116,7 @@ impl Qcow2 {
             L2Entry::decode(table[index], bits, h.has_data_file())
         };
         let run = match entry {
-            L2Entry::Unallocated => Run::Unallocated,
+            L2Entry::Unallocated => Run::Unallocated { host: None },
             L2Entry::Zero { host } => {
                 if let Some(host) = host {
                     if host % cs != 0 {
@@ -185,7 +189,9 @@ impl Qcow2 {
                         host: allocated.then_some(host + in_cluster),
                     }
                 } else {
-                    Run::Unallocated
+                    Run::Unallocated {
+                        host: allocated.then_some(host + in_cluster),
+                    }
                 };
                 return Ok((run, unit_end));
             }
@@ -195,7 +201,7 @@ impl Qcow2 {
 
     fn check_data_cluster(&self, host: u64, corrupt: &dyn Fn(String, u64) -> Error) -> Result<()> {
         let cs = self.meta.header.cluster_size();
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(corrupt(
                 format!("Cluster allocation offset {host:#x} unaligned"),
                 host,
