@@ -5,6 +5,9 @@
 mod cmd;
 mod common;
 mod human;
+mod qjson;
+mod qopt;
+mod sizearg;
 
 use common::Ctx;
 use std::process::ExitCode;
