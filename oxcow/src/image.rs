@@ -147,7 +147,16 @@ impl Image {
                 };
                 let backing = match (&meta.backing_file, opts.no_backing) {
                     (Some(name), false) => {
-                        let full = local_path(&combine_paths(filename, name), "backing file")?;
+                        // The protocol is that of the stored name: a relative name is
+                        // combined with the overlay's directory only afterwards (else
+                        // "json:{...}" would pass as a file in that directory). As in
+                        // QEMU, a name with a "file:" prefix is not combined.
+                        let local = local_path(name, "backing file")?;
+                        let full = if local.len() == name.len() {
+                            combine_paths(filename, name)
+                        } else {
+                            local
+                        };
                         let fmt = meta
                             .backing_format
                             .as_deref()
