@@ -16,8 +16,11 @@ pub fn decompress(
         reason,
     };
     match kind {
-        CompressionType::Zlib => {
-            let mut d = flate2::Decompress::new(false);
+        CompressionType::Zlib => INFLATE.with(|cell| {
+            // One inflate state per thread, reset for every cluster.
+            let mut slot = cell.borrow_mut();
+            let d = slot.get_or_insert_with(|| flate2::Decompress::new(false));
+            d.reset(false);
             let status = d
                 .decompress(input, out, flate2::FlushDecompress::Finish)
                 .map_err(|e| fail(format!("deflate: {e}")))?;
@@ -30,10 +33,19 @@ pub fn decompress(
                 )));
             }
             Ok(())
-        }
-        CompressionType::Zstd => {
+        }),
+        CompressionType::Zstd => ZSTD.with(|cell| {
             use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-            let mut d = Decoder::new().map_err(|e| fail(format!("zstd: {e}")))?;
+            // One decompression context per thread: creating one costs more than
+            // inflating a small cluster.
+            let mut slot = cell.borrow_mut();
+            let d = match slot.as_mut() {
+                Some(d) => {
+                    d.reinit().map_err(|e| fail(format!("zstd: {e}")))?;
+                    d
+                }
+                None => slot.insert(Decoder::new().map_err(|e| fail(format!("zstd: {e}")))?),
+            };
             let mut inb = InBuffer::around(input);
             let mut outb = OutBuffer::around(out);
             while outb.pos() < outb.capacity() {
@@ -57,8 +69,15 @@ pub fn decompress(
                 )));
             }
             Ok(())
-        }
+        }),
     }
+}
+
+thread_local! {
+    static INFLATE: std::cell::RefCell<Option<flate2::Decompress>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD: std::cell::RefCell<Option<zstd::stream::raw::Decoder<'static>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[cfg(test)]
