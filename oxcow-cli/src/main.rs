@@ -4,10 +4,14 @@
 
 mod cmd;
 mod common;
+mod copyopts;
 mod human;
+mod pool;
+mod progress;
 mod qjson;
 mod qopt;
 mod sizearg;
+mod source;
 
 use common::Ctx;
 use std::process::ExitCode;
@@ -19,8 +23,14 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "oxcow".to_string());
-    let prog = if invoked == "qemu-img" { "qemu-img" } else { "oxcow" };
-    let ctx = Ctx { prog: prog.to_string() };
+    let prog = if invoked == "qemu-img" {
+        "qemu-img"
+    } else {
+        "oxcow"
+    };
+    let ctx = Ctx {
+        prog: prog.to_string(),
+    };
     let code = cmd::dispatch(&ctx, &args[1.min(args.len())..]);
     ExitCode::from(code)
 }

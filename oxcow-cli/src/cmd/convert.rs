@@ -1,7 +1,1181 @@
-//! `convert`: being written.
-use crate::common::Ctx;
+//! `convert [-f fmt] [-O output_fmt] [-p] [-q] [-n] [-S sparse_size] [-m num] [-W]
+//! [-t cache] [-T src_cache] [-U] [--target-is-zero] [-o options] filename
+//! [filename2 [...]] output_filename`: qemu-img's img_convert, for raw output.
+//!
+//! Like qemu-img, the sources (concatenated) are first walked by block status to plan
+//! the copy: zero and unallocated ranges are never read, data ranges are cut in chunks
+//! of at most 2 MiB. Worker threads then read the chunks through the shared images
+//! (decompressing on every core), find the zero sectors in what they read, and write
+//! only the rest with positional writes, so the target is a sparse file. With `-S 0`
+//! every byte is written; with `-n` the existing target's zero ranges are punched.
 
-pub fn run(ctx: &Ctx, _args: &[String]) -> u8 {
-    ctx.error("convert: not implemented yet");
+use crate::common::Ctx;
+use crate::copyopts::{
+    cvtnum, cvtnum_full, getopt_error, qemu_knows_format, unsupported_output_format,
+    valid_cache_mode,
+};
+use crate::pool::{is_zero, run_ordered, worker_count};
+use crate::progress::Progress;
+use crate::qopt::{long, Getopt, LongOpt};
+use crate::source::{error_reason, Source, SECTOR};
+use oxcow::Format;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+
+const CMD: &str = "convert";
+
+/// Bytes per read/write request (qemu-img's IO_BUF_SIZE).
+const BUF: u64 = 2 << 20;
+/// Largest `-S` (MAX_BUF_SECTORS sectors).
+const MAX_BUF_SECTORS: u64 = 32768;
+/// Longest range one block status request covers (BDRV_REQUEST_MAX_SECTORS).
+const MAX_REQUEST: u64 = ((i32::MAX as u64) >> 9) * SECTOR;
+
+const LONGS: &[LongOpt] = &[
+    long("help", false, "h"),
+    long("object", true, "object"),
+    long("quiet", false, "q"),
+    long("source-image-opts", false, "image-opts"),
+    long("image-opts", false, "image-opts"),
+    long("source-format", true, "f"),
+    long("source-cache", true, "T"),
+    long("snapshot", true, "l"),
+    long("sparse-size", true, "S"),
+    long("output-format", true, "O"),
+    long("options", true, "o"),
+    long("output-cache", true, "t"),
+    long("backing", true, "B"),
+    long("backing-format", true, "F"),
+    long("force-share", false, "U"),
+    long("target-image-opts", false, "target-image-opts"),
+    long("salvage", false, "salvage"),
+    long("target-is-zero", false, "target-is-zero"),
+    long("bitmaps", false, "bitmaps"),
+    long("skip-broken-bitmaps", false, "skip-broken-bitmaps"),
+    long("rate", true, "r"),
+    long("parallel", true, "m"),
+    long("oob-writes", false, "W"),
+    long("copy-range-offloading", false, "C"),
+];
+
+const HELP: &str = "Usage:
+Copy one image to another with optional format conversion.  Usage:
+
+  PROG convert [-f SRC_FMT|--image-opts] [-T SRC_CACHE] [--bitmaps [--skip-broken-bitmaps]]
+        [-o TGT_OPTS|--target-image-opts] [-t TGT_CACHE] [-n]
+        [-B BACKING_FILENAME [-F BACKING_FMT]]
+        SRC_FILENAME [SRC_FILENAME2 [...]] TGT_FILENAME
+
+Arguments:
+  -h, --help
+     print this help and exit
+  -q, --quiet
+     quiet operations
+  -p, --progress
+     show operation progress
+  -f, --source-format SRC_FMT
+     specify SRC_FILENAME source image format explicitly
+  --source-image-opts
+     indicates that SRC_FILENAME is a complete image specification
+     instead of a file name (incompatible with --source-format)
+  -l, --source-snapshot SNAPSHOT_PARAMS
+     specify source snapshot parameters
+  -T, --source-cache SRC_CACHE
+     source image(s) cache mode (writeback)
+  -O, --target-format TGT_FMT
+     specify TGT_FILENAME image format (default is raw)
+  --target-image-opts
+     indicates that TGT_FILENAME is a complete image specification
+     instead of a file name (incompatible with --output-format)
+  -o, --target-options TGT_OPTS
+     TARGET_FMT-specific options
+  -c, --compress
+     create compressed output image (qcow and qcow2 format only)
+  -t, --target-cache TGT_CACHE
+     cache mode when opening output image (unsafe)
+  -B, --backing BACKING_FILENAME
+     create output to be a CoW on top of BACKING_FILENAME
+  -F, --backing-format BACKING_FMT
+     specify BACKING_FILENAME image format explicitly
+  -n, --no-create
+     omit target volume creation (eg on rbd)
+  --target-is-zero
+  -S, --sparse-size SPARSE_SIZE
+     XXX todo
+  --bitmaps
+     also copy any persistent bitmaps present in source
+  --skip-broken-bitmaps
+     skip (do not error out) any broken bitmaps
+  -U, --force-share
+     open images in shared mode for concurrent access
+  -r, --rate RATE
+     I/O rate limit
+  -m, --parallel NUM_COROUTINES
+     specify parallelism (default 8)
+  -C, --copy-range-offloading
+     use copy_range offloading
+  --salvage
+     XXX todo
+  -W, --oob-writes
+     enable out-of-order writes to improve performance
+  --object OBJDEF
+     QEMU user-creatable object (eg encryption key)
+  SRC_FILENAME
+     source image file name (or specification with --image-opts)
+  TGT_FILENAME
+     target (output) image file name
+
+";
+
+/// The options of one invocation.
+struct Opts {
+    fmt: Option<String>,
+    out_fmt: Option<String>,
+    progress: bool,
+    quiet: bool,
+    skip_create: bool,
+    /// Sparse detection threshold in sectors; 0 writes everything.
+    min_sparse: u64,
+    explicit_min_sparse: bool,
+    parallel: u64,
+    target_is_zero: bool,
+    options: Option<String>,
+    cache: String,
+    src_cache: String,
+    backing: Option<String>,
+    backing_fmt: Option<String>,
+    compress: bool,
+    copy_range: bool,
+    snapshot: Option<String>,
+    bitmaps: bool,
+    skip_broken: bool,
+    salvage: bool,
+    image_opts: bool,
+    target_image_opts: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            fmt: None,
+            out_fmt: None,
+            progress: false,
+            quiet: false,
+            skip_create: false,
+            min_sparse: 8,
+            explicit_min_sparse: false,
+            parallel: 8,
+            target_is_zero: false,
+            options: None,
+            cache: "unsafe".into(),
+            src_cache: "writeback".into(),
+            backing: None,
+            backing_fmt: None,
+            compress: false,
+            copy_range: false,
+            snapshot: None,
+            bitmaps: false,
+            skip_broken: false,
+            salvage: false,
+            image_opts: false,
+            target_image_opts: false,
+        }
+    }
+}
+
+/// Whether an `-o` list can be joined to others with ',' (qemu-img's
+/// is_valid_option_list).
+fn valid_option_list(list: &str) -> bool {
+    if list.is_empty() || list.starts_with(',') {
+        return false;
+    }
+    let trailing = list.len() - list.trim_end_matches(',').len();
+    trailing.is_multiple_of(2)
+}
+
+/// Parses the options; `Err(code)` when the command is over (help printed, or an
+/// error reported).
+fn parse(ctx: &Ctx, args: &[String]) -> Result<(Opts, Vec<String>), u8> {
+    let mut o = Opts::default();
+    let mut g = Getopt::new(args, "hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", LONGS);
+    while let Some(item) = g.next_opt() {
+        let opt = match item {
+            Ok(opt) => opt,
+            Err(msg) => return Err(getopt_error(ctx, CMD, &msg)),
+        };
+        let arg = opt.arg.unwrap_or_default();
+        match opt.id.as_str() {
+            "h" => {
+                print!("{}", HELP.replace("PROG", &ctx.prog));
+                return Err(0);
+            }
+            "f" => o.fmt = Some(arg),
+            "image-opts" => o.image_opts = true,
+            "T" => o.src_cache = arg,
+            "l" => o.snapshot = Some(arg),
+            "bitmaps" => o.bitmaps = true,
+            "skip-broken-bitmaps" => o.skip_broken = true,
+            "salvage" => o.salvage = true,
+            "O" => o.out_fmt = Some(arg),
+            "target-image-opts" => o.target_image_opts = true,
+            "o" => {
+                if !valid_option_list(&arg) {
+                    ctx.error(format!("Invalid option list: {arg}"));
+                    return Err(1);
+                }
+                o.options = Some(match o.options.take() {
+                    Some(prev) => format!("{prev},{arg}"),
+                    None => arg,
+                });
+            }
+            "t" => o.cache = arg,
+            "B" => o.backing = Some(arg),
+            "F" => o.backing_fmt = Some(arg),
+            "S" => {
+                let name = "buffer size for sparse output";
+                let v = cvtnum(ctx, name, &arg, true).ok_or(1u8)?;
+                if !v.is_multiple_of(SECTOR) || v / SECTOR > MAX_BUF_SECTORS {
+                    ctx.error(format!(
+                        "Invalid buffer size for sparse output specified. Valid sizes are \
+                         multiples of {SECTOR} up to {}. Select 0 to disable sparse \
+                         detection (fully allocates output).",
+                        MAX_BUF_SECTORS * SECTOR
+                    ));
+                    return Err(1);
+                }
+                o.min_sparse = v / SECTOR;
+                o.explicit_min_sparse = true;
+            }
+            "n" => o.skip_create = true,
+            "target-is-zero" => o.target_is_zero = true,
+            "c" => o.compress = true,
+            "U" => {}
+            "r" => {
+                cvtnum(ctx, "rate limit", &arg, true).ok_or(1u8)?;
+            }
+            "m" => {
+                o.parallel =
+                    cvtnum_full(ctx, "number of coroutines", &arg, false, 1, 16).ok_or(1u8)?;
+            }
+            "W" => {}
+            "C" => o.copy_range = true,
+            "p" => o.progress = true,
+            "q" => o.quiet = true,
+            "object" => {
+                ctx.error("--object is not supported by oxcow");
+                return Err(1);
+            }
+            _ => {}
+        }
+    }
+    Ok((o, g.operands().to_vec()))
+}
+
+pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
+    let (mut o, files) = match parse(ctx, args) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if o.out_fmt.is_none() && !o.target_image_opts {
+        o.out_fmt = Some("raw".into());
+    }
+    let checks = [
+        (
+            o.skip_broken && !o.bitmaps,
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ),
+        (
+            o.compress && o.copy_range,
+            "Cannot enable copy offloading when -c is used",
+        ),
+        (
+            o.explicit_min_sparse && o.copy_range,
+            "Cannot enable copy offloading when -S is used",
+        ),
+        (
+            o.copy_range && o.salvage,
+            "Cannot use copy offloading in salvaging mode",
+        ),
+        (
+            o.target_image_opts && !o.skip_create,
+            "--target-image-opts requires use of -n flag",
+        ),
+        (
+            o.skip_create && o.options.is_some(),
+            "-o has no effect when skipping image creation",
+        ),
+        (
+            o.target_is_zero && !o.skip_create,
+            "--target-is-zero requires use of -n flag",
+        ),
+    ];
+    if let Some((_, msg)) = checks.iter().find(|c| c.0) {
+        ctx.error(msg);
+        return 1;
+    }
+    let out_filename = files.last().cloned();
+    let src_num = files.len().saturating_sub(1);
+    if let Some(opts) = &o.options {
+        if has_help_option(opts) {
+            return match &o.out_fmt {
+                Some(f) => {
+                    print_option_help(ctx, f, out_filename.as_deref().filter(|_| src_num >= 1))
+                }
+                None => {
+                    ctx.error("Option help requires a format be specified");
+                    1
+                }
+            };
+        }
+    }
+    if src_num < 1 {
+        ctx.error("Must specify image file name");
+        return 1;
+    }
+    if !valid_cache_mode(&o.src_cache) {
+        ctx.error(format!("Invalid source cache option: {}", o.src_cache));
+        return 1;
+    }
+    if o.quiet {
+        o.progress = false;
+    }
+    let mut progress = Progress::new(o.progress, 1.0);
+    progress.print(0.0, 100);
+    let out_filename = out_filename.unwrap_or_default();
+    let code = convert(ctx, &o, &files[..src_num], &out_filename, &mut progress);
+    if code == 0 {
+        progress.print(100.0, 0);
+    }
+    progress.end();
+    code
+}
+
+fn has_help_option(list: &str) -> bool {
+    split_options(list)
+        .iter()
+        .any(|(k, _)| k == "help" || k == "?")
+}
+
+/// Splits an option list "a=1,b=x,,y,c" into (key, value) pairs (",," is a comma
+/// inside a value; a key without '=' has no value).
+fn split_options(list: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = list.chars().peekable();
+    let mut parts = Vec::new();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    for p in parts {
+        if p.is_empty() {
+            continue;
+        }
+        match p.find('=') {
+            Some(i) => out.push((p[..i].to_string(), Some(p[i + 1..].to_string()))),
+            None => out.push((p, None)),
+        }
+    }
+    out
+}
+
+/// `-o help` for the output format.
+fn print_option_help(ctx: &Ctx, fmt: &str, filename: Option<&str>) -> u8 {
+    if fmt != "raw" {
+        return unknown_or_unsupported(ctx, fmt);
+    }
+    match filename {
+        Some(_) => println!(
+            "Supported options:\n  \
+             extent_size_hint=<size> - Extent size hint for the image file, 0 to disable\n  \
+             nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)\n  \
+             preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)\n  \
+             size=<size>            - Virtual disk size"
+        ),
+        None => println!(
+            "Supported raw options:\n  \
+             size=<size>            - Virtual disk size\n\n\
+             The protocol level may support further options.\n\
+             Specify the target filename to include those options."
+        ),
+    }
+    0
+}
+
+fn unknown_or_unsupported(ctx: &Ctx, fmt: &str) -> u8 {
+    if qemu_knows_format(fmt) {
+        ctx.error(unsupported_output_format(fmt));
+    } else {
+        ctx.error(format!("Unknown file format '{fmt}'"));
+    }
     1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prealloc {
+    Off,
+    Falloc,
+    Full,
+}
+
+/// The raw creation options given with `-o`.
+fn raw_create_options(ctx: &Ctx, list: Option<&str>) -> Result<Option<String>, u8> {
+    let mut prealloc = None;
+    for (k, v) in split_options(list.unwrap_or("")) {
+        match k.as_str() {
+            "size" | "extent_size_hint" => {
+                let v = v.unwrap_or_default();
+                if crate::sizearg::strtosz(&v).is_err() {
+                    ctx.error(format!(
+                        "Parameter '{k}' expects a non-negative number below 2^64\n\
+                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, \
+                         tera-, peta-\nand exabytes, respectively."
+                    ));
+                    return Err(1);
+                }
+            }
+            "nocow" => {
+                if !matches!(v.as_deref(), None | Some("on") | Some("off")) {
+                    ctx.error("Parameter 'nocow' expects 'on' or 'off'");
+                    return Err(1);
+                }
+            }
+            "preallocation" => prealloc = Some(v.unwrap_or_else(|| "on".into())),
+            other => {
+                ctx.error(format!("Invalid parameter '{other}'"));
+                return Err(1);
+            }
+        }
+    }
+    Ok(prealloc)
+}
+
+/// One qemu-img request: a range of the (concatenated) output, read from a source or
+/// known to be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Data,
+    Zero,
+}
+
+/// A planned request of qemu-img's copy loop.
+#[derive(Debug, Clone, Copy)]
+struct Seg {
+    status: Status,
+    /// Offset in the output.
+    out: u64,
+    len: u64,
+}
+
+/// The planning walk of convert_iteration_sectors: block status per source, runs
+/// aligned to the source's cluster size, data requests of at most 2 MiB.
+fn plan(o: &Opts, srcs: &[Source]) -> Result<Vec<Seg>, (u64, String)> {
+    let total: u64 = srcs.iter().map(|s| s.len).sum();
+    let mut segs: Vec<Seg> = Vec::new();
+    let mut pos = 0u64;
+    let mut src_start = 0u64;
+    let mut cur = 0usize;
+    let mut next_status = 0u64;
+    let mut status = Status::Zero;
+    while pos < total {
+        while pos - src_start >= srcs[cur].len {
+            src_start += srcs[cur].len;
+            cur += 1;
+        }
+        let s = &srcs[cur];
+        let mut n = (total - pos).min(MAX_REQUEST);
+        if next_status <= pos {
+            let off = pos - src_start;
+            let ask = n.min(s.len - off);
+            let st = s.status(off, ask).map_err(|e| (off, error_reason(&e)))?;
+            let mut len = st.len.max(1).div_ceil(SECTOR) * SECTOR;
+            let tail = (off + len) % s.align;
+            if len > tail {
+                len -= tail;
+            }
+            status = if st.zero { Status::Zero } else { Status::Data };
+            next_status = pos + len;
+        }
+        n = n.min(next_status - pos);
+        if status == Status::Data || o.min_sparse == 0 {
+            n = n.min(BUF);
+        }
+        // Consecutive zero requests make one range when nothing is written for them.
+        if let Some(last) = segs.last_mut() {
+            if status == Status::Zero
+                && o.min_sparse != 0
+                && last.status == Status::Zero
+                && last.out + last.len == pos
+            {
+                last.len += n;
+                pos += n;
+                continue;
+            }
+        }
+        segs.push(Seg {
+            status,
+            out: pos,
+            len: n,
+        });
+        pos += n;
+    }
+    Ok(segs)
+}
+
+/// What the workers do with one job: requests grouped to at most 2 MiB, read with one
+/// call, each request then written as qemu-img writes it.
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    /// Index of the first request in the plan.
+    first: usize,
+    count: usize,
+    out: u64,
+    len: u64,
+    status: Status,
+}
+
+/// The copy settings the workers share.
+struct Copier<'a> {
+    srcs: &'a [Source],
+    /// Output offset where each source starts.
+    starts: Vec<u64>,
+    target: &'a File,
+    segs: &'a [Seg],
+    min_sparse: u64,
+    alignment: u64,
+    has_zero_init: bool,
+    salvage: bool,
+    quiet: bool,
+    ctx: &'a Ctx,
+    write_lock: std::sync::Mutex<()>,
+}
+
+/// A failed request: "error while reading/writing at byte N: reason".
+struct Failure {
+    at: u64,
+    write: bool,
+    reason: String,
+}
+
+impl Copier<'_> {
+    /// The source holding output offset `out` and the offset inside it.
+    fn locate(&self, out: u64) -> (usize, u64) {
+        let i = self.starts.partition_point(|&s| s <= out).saturating_sub(1);
+        (i, out - self.starts[i])
+    }
+
+    /// Reads output range `out..out+buf.len()` from the sources (a group never
+    /// crosses sources, but salvage reads may be split anyway).
+    fn read(&self, buf: &mut [u8], out: u64) -> Result<(), oxcow::Error> {
+        let (i, off) = self.locate(out);
+        self.srcs[i].read(buf, off)
+    }
+
+    fn read_salvaging(&self, buf: &mut [u8], out: u64) -> Result<(), oxcow::Error> {
+        if self.read(buf, out).is_ok() {
+            return Ok(());
+        }
+        for (k, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+            let at = out + k as u64 * SECTOR;
+            if let Err(e) = self.read(sector, at) {
+                if !self.quiet {
+                    let (_, off) = self.locate(at);
+                    self.ctx.error(format!(
+                        "warning: error while reading offset {off}: {}",
+                        error_reason(&e)
+                    ));
+                }
+                sector.fill(0);
+            }
+        }
+        Ok(())
+    }
+
+    fn process(&self, buf: &mut Vec<u8>, job: Job) -> Result<(), Failure> {
+        let segs = &self.segs[job.first..job.first + job.count];
+        match job.status {
+            Status::Zero if self.min_sparse != 0 => {
+                if !self.has_zero_init {
+                    for s in segs {
+                        self.write_zeroes(buf, s.out, s.len).map_err(|e| Failure {
+                            at: s.out,
+                            write: true,
+                            reason: crate::common::io_reason(&e),
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            Status::Zero => {
+                // -S 0: zeros are written as data.
+                let n = job.len as usize;
+                buf.clear();
+                buf.resize(n, 0);
+                self.write_at(&buf[..n], job.out).map_err(|e| Failure {
+                    at: job.out,
+                    write: true,
+                    reason: crate::common::io_reason(&e),
+                })
+            }
+            Status::Data => {
+                let n = job.len as usize;
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                let data = &mut buf[..n];
+                let read = if self.salvage {
+                    self.read_salvaging(data, job.out)
+                } else {
+                    self.read(data, job.out)
+                };
+                if read.is_err() {
+                    // Name the failing request as qemu-img does.
+                    for s in segs {
+                        let at = (s.out - job.out) as usize;
+                        if let Err(e) = self.read(&mut data[at..at + s.len as usize], s.out) {
+                            return Err(Failure {
+                                at: s.out,
+                                write: false,
+                                reason: error_reason(&e),
+                            });
+                        }
+                    }
+                }
+                for s in segs {
+                    let at = (s.out - job.out) as usize;
+                    self.write_request(&data[at..at + s.len as usize], s.out)
+                        .map_err(|e| Failure {
+                            at: s.out,
+                            write: true,
+                            reason: crate::common::io_reason(&e),
+                        })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes to the target. Writes are serialized: a buffered write holds the file's
+    /// inode lock anyway, and threads contending for it only burn CPU spinning.
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.target.write_all_at(data, offset)
+    }
+
+    /// convert_co_write for a data request: with sparse detection, zero runs are
+    /// skipped (or zeroed on a target that is not known to be zero).
+    fn write_request(&self, data: &[u8], out: u64) -> std::io::Result<()> {
+        if self.min_sparse == 0 {
+            return self.write_at(data, out);
+        }
+        let sectors = data.len().div_ceil(SECTOR as usize);
+        let mut done = 0usize;
+        while done < sectors {
+            let start = done * SECTOR as usize;
+            let (alloc, n) = is_allocated_sectors_min(
+                &data[start..],
+                sectors - done,
+                self.min_sparse as usize,
+                out / SECTOR + done as u64,
+                self.alignment as usize,
+            );
+            let end = ((done + n) * SECTOR as usize).min(data.len());
+            if alloc {
+                self.write_at(&data[start..end], out + start as u64)?;
+            } else if !self.has_zero_init {
+                let mut scratch = Vec::new();
+                self.write_zeroes(&mut scratch, out + start as u64, (end - start) as u64)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Makes `offset..offset+len` of the target read as zeros: punches a hole, or
+    /// writes zeros where the file system cannot.
+    fn write_zeroes(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> std::io::Result<()> {
+        if punch_hole(self.target, offset, len).is_ok() {
+            return Ok(());
+        }
+        buf.clear();
+        buf.resize(BUF.min(len) as usize, 0);
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.write_at(&buf[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn punch_hole(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off,
+            l,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// qemu-img's is_allocated_sectors: whether the first sector of `buf` holds data, and
+/// how many sectors (up to `n`) share its state, with the end of the run moved to an
+/// `alignment` boundary to spare the target read-modify-write cycles.
+fn is_allocated_sectors(buf: &[u8], n: usize, sector_num: u64, alignment: usize) -> (bool, usize) {
+    if n == 0 {
+        return (false, 0);
+    }
+    let sector = |i: usize| {
+        let s = i * SECTOR as usize;
+        &buf[s..(s + SECTOR as usize).min(buf.len())]
+    };
+    let mut zero = is_zero(sector(0));
+    let mut i = 1;
+    while i < n && is_zero(sector(i)) == zero {
+        i += 1;
+    }
+    if i == n {
+        return (!zero, i);
+    }
+    let tail = ((sector_num + i as u64) & (alignment as u64 - 1)) as usize;
+    if tail != 0 {
+        if zero && i <= tail {
+            zero = false;
+        }
+        if !zero {
+            i = (i + alignment - tail).min(n);
+        } else {
+            i -= tail;
+        }
+    }
+    (!zero, i)
+}
+
+/// qemu-img's is_allocated_sectors_min: like [`is_allocated_sectors`], but when the
+/// buffer starts with data, zero runs shorter than `min` sectors count as data.
+fn is_allocated_sectors_min(
+    buf: &[u8],
+    n: usize,
+    min: usize,
+    sector_num: u64,
+    alignment: usize,
+) -> (bool, usize) {
+    let min = min.min(n);
+    let (alloc, first) = is_allocated_sectors(buf, n, sector_num, alignment);
+    if !alloc {
+        return (false, first);
+    }
+    let mut used = first;
+    let mut checked = first;
+    while checked < n {
+        let (a, p) = is_allocated_sectors(
+            &buf[checked * SECTOR as usize..],
+            n - checked,
+            sector_num + checked as u64,
+            alignment,
+        );
+        checked += p;
+        if a {
+            used = checked;
+        } else if p >= min {
+            break;
+        }
+    }
+    (true, used)
+}
+
+/// The largest power of two not above `n` (n >= 1).
+fn pow2floor(n: u64) -> u64 {
+    1u64 << (63 - n.leading_zeros())
+}
+
+/// Groups planned requests into worker jobs.
+fn jobs(segs: &[Seg], starts: &[u64], min_sparse: u64) -> Vec<Job> {
+    let mut out: Vec<Job> = Vec::new();
+    let source_of = |off: u64| starts.partition_point(|&s| s <= off);
+    for (i, s) in segs.iter().enumerate() {
+        if let Some(j) = out.last_mut() {
+            let same_kind = j.status == s.status;
+            let contiguous = j.out + j.len == s.out;
+            let fits = match s.status {
+                Status::Data => {
+                    j.len + s.len <= BUF && source_of(j.out) == source_of(s.out + s.len - 1)
+                }
+                Status::Zero => min_sparse == 0 && j.len + s.len <= BUF,
+            };
+            if same_kind && contiguous && fits {
+                j.count += 1;
+                j.len += s.len;
+                continue;
+            }
+        }
+        out.push(Job {
+            first: i,
+            count: 1,
+            out: s.out,
+            len: s.len,
+            status: s.status,
+        });
+    }
+    out
+}
+
+/// Creates (truncates) the raw target as qemu's file driver does: the full size as a
+/// hole, the first block written so it is allocated, preallocation as asked.
+fn create_target(path: &str, size: u64, prealloc: Prealloc) -> std::io::Result<File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.set_len(0)?;
+    f.set_len(size)?;
+    match prealloc {
+        Prealloc::Off => {}
+        Prealloc::Falloc | Prealloc::Full => {
+            if size > 0 {
+                let l = libc::off_t::try_from(size)
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG))?;
+                // SAFETY: posix_fallocate on a descriptor we own.
+                let r = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, l) };
+                if r != 0 {
+                    return Err(std::io::Error::from_raw_os_error(r));
+                }
+            }
+        }
+    }
+    let first = size.min(4096) as usize;
+    if first > 0 {
+        f.write_all_at(&vec![0u8; first], 0)?;
+    }
+    // Reopen for the copy, as qemu-img does: ext4 flushes a file that was truncated
+    // to zero when it is closed, which is cheap now and would cost a long wait at the
+    // end of the copy.
+    drop(f);
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+}
+
+/// Whether two paths name the same file.
+fn same_file(a: &str, b: &str) -> bool {
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+fn lock_message(name: &str) -> String {
+    format!("Failed to get \"write\" lock\nIs another process using the image [{name}]?")
+}
+
+fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mut Progress) -> u8 {
+    if o.image_opts {
+        if o.fmt.is_some() {
+            ctx.error("--image-opts and --format are mutually exclusive");
+        } else {
+            ctx.error(format!(
+                "Could not open '{}': --image-opts is not supported by oxcow",
+                inputs[0]
+            ));
+        }
+        return 1;
+    }
+    let mut srcs = Vec::with_capacity(inputs.len());
+    for name in inputs {
+        match Source::open(name, o.fmt.as_deref()) {
+            Ok(s) => srcs.push(s),
+            Err(msg) => {
+                ctx.error(msg);
+                return 1;
+            }
+        }
+    }
+    if o.snapshot.is_some() {
+        if srcs.len() > 1 {
+            ctx.error("No support for concatenating multiple snapshot");
+        } else {
+            ctx.error("Failed to load snapshot: internal snapshots are not supported by oxcow yet");
+        }
+        return 1;
+    }
+    let total: u64 = srcs.iter().map(|s| s.len).sum();
+    let out_fmt = o.out_fmt.clone().unwrap_or_else(|| "raw".into());
+    let mut prealloc = Prealloc::Off;
+    if !o.skip_create {
+        if out_fmt != "raw" {
+            return unknown_or_unsupported(ctx, &out_fmt);
+        }
+        let p = match raw_create_options(ctx, o.options.as_deref()) {
+            Ok(p) => p,
+            Err(code) => return code,
+        };
+        if o.backing.is_some() {
+            ctx.error("Backing file not supported for file format 'raw'");
+            return 1;
+        }
+        if o.backing_fmt.is_some() {
+            ctx.error("Backing file format not supported for file format 'raw'");
+            return 1;
+        }
+        if o.compress {
+            ctx.error("Compression not supported for this file format");
+            return 1;
+        }
+        if o.bitmaps {
+            if srcs.len() > 1 {
+                ctx.error("Copying bitmaps only possible with single source");
+                return 1;
+            }
+            if srcs[0].img.format() == Format::Raw {
+                ctx.error("Source lacks bitmap support");
+                return 1;
+            }
+        }
+        if inputs.iter().any(|i| same_file(i, out_name)) {
+            ctx.error(format!(
+                "{out_name}: error while converting raw: {}",
+                lock_message(out_name)
+            ));
+            return 1;
+        }
+        prealloc = match p.as_deref() {
+            None | Some("off") => Prealloc::Off,
+            Some("falloc") => Prealloc::Falloc,
+            Some("full") => Prealloc::Full,
+            Some(other) => {
+                ctx.error(format!(
+                    "{out_name}: error while converting raw: invalid parameter value: {other}"
+                ));
+                return 1;
+            }
+        };
+    } else if out_fmt != "raw" {
+        return unknown_or_unsupported(ctx, &out_fmt);
+    }
+
+    let target = if o.skip_create {
+        if !valid_cache_mode(&o.cache) {
+            ctx.error(format!("Invalid cache option: {}", o.cache));
+            return 1;
+        }
+        if inputs.iter().any(|i| same_file(i, out_name)) {
+            ctx.error(format!(
+                "Could not open '{out_name}': {}",
+                lock_message(out_name)
+            ));
+            return 1;
+        }
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(out_name)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.error(format!(
+                    "Could not open '{out_name}': Could not open '{out_name}': {}",
+                    crate::common::io_reason(&e)
+                ));
+                return 1;
+            }
+        }
+    } else {
+        let f = match create_target(out_name, total, prealloc) {
+            Ok(f) => f,
+            Err(e) => {
+                ctx.error(format!(
+                    "{out_name}: error while converting raw: Could not create '{out_name}': {}",
+                    crate::common::io_reason(&e)
+                ));
+                return 1;
+            }
+        };
+        if !valid_cache_mode(&o.cache) {
+            ctx.error(format!("Invalid cache option: {}", o.cache));
+            return 1;
+        }
+        f
+    };
+    if o.bitmaps {
+        ctx.error("Format driver 'raw' does not support bitmaps");
+        return 1;
+    }
+    if o.compress {
+        ctx.error("Compression not supported for this file format");
+        return 1;
+    }
+    if o.skip_create {
+        let len = match target.metadata() {
+            Ok(m) if m.file_type().is_file() => m.len(),
+            _ => {
+                use std::io::Seek;
+                let mut t = &target;
+                t.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+            }
+        };
+        if len.div_ceil(SECTOR) * SECTOR < total {
+            ctx.error("output file is smaller than input file");
+            return 1;
+        }
+    }
+
+    let segs = match plan(o, &srcs) {
+        Ok(s) => s,
+        Err((off, reason)) => {
+            ctx.error(format!(
+                "error while reading block status at offset {off}: {reason}"
+            ));
+            return 1;
+        }
+    };
+    let has_zero_init = o.target_is_zero || (!o.skip_create && o.min_sparse != 0);
+    let counted = |s: &Seg| s.status == Status::Data || o.min_sparse == 0;
+    let allocated: u64 = segs.iter().filter(|s| counted(s)).map(|s| s.len).sum();
+    let mut starts = Vec::with_capacity(srcs.len());
+    let mut acc = 0;
+    for s in &srcs {
+        starts.push(acc);
+        acc += s.len;
+    }
+    let work = jobs(&segs, &starts, o.min_sparse);
+    let copier = Copier {
+        srcs: &srcs,
+        starts: starts.clone(),
+        target: &target,
+        segs: &segs,
+        min_sparse: o.min_sparse,
+        alignment: if o.min_sparse == 0 {
+            1
+        } else {
+            pow2floor(o.min_sparse)
+        },
+        has_zero_init,
+        salvage: o.salvage,
+        quiet: o.quiet,
+        ctx,
+        write_lock: std::sync::Mutex::new(()),
+    };
+    let threads = worker_count(o.parallel as usize);
+    let mut next = 0usize;
+    let mut done = 0u64;
+    let mut code = 0u8;
+    let _ = run_ordered(
+        threads,
+        threads * 2,
+        || {
+            // Jobs with nothing to do (zeros on a zeroed target) are not queued.
+            while next < work.len() {
+                let j = &work[next];
+                next += 1;
+                if j.status == Status::Zero && o.min_sparse != 0 && has_zero_init {
+                    continue;
+                }
+                return Ok::<_, ()>(Some(*j));
+            }
+            Ok(None)
+        },
+        Vec::<u8>::new,
+        |buf: &mut Vec<u8>, job: Job| {
+            let (first, count) = (job.first, job.count);
+            (first, count, copier.process(buf, job))
+        },
+        |(first, count, r): (usize, usize, Result<(), Failure>)| {
+            for s in &segs[first..first + count] {
+                if let Err(f) = &r {
+                    if f.at < s.out {
+                        break;
+                    }
+                }
+                if counted(s) {
+                    done += s.len;
+                    progress.print((100.0 * done as f64 / allocated as f64) as f32, 0);
+                }
+            }
+            if let Err(f) = r {
+                ctx.error(format!(
+                    "error while {} at byte {}: {}",
+                    if f.write { "writing" } else { "reading" },
+                    f.at,
+                    f.reason
+                ));
+                code = 1;
+                return Ok(false);
+            }
+            Ok(true)
+        },
+    );
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sectors(pattern: &[bool]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for &d in pattern {
+            v.extend(std::iter::repeat_n(if d { 1u8 } else { 0 }, 512));
+        }
+        v
+    }
+
+    #[test]
+    fn allocated_sectors_like_qemu() {
+        // 8 data sectors, 8 zero, 8 data: alignment 8, min 8.
+        let mut p = vec![true; 8];
+        p.extend([false; 8]);
+        p.extend([true; 8]);
+        let b = sectors(&p);
+        assert_eq!(is_allocated_sectors(&b, 24, 0, 8), (true, 8));
+        assert_eq!(is_allocated_sectors_min(&b, 24, 8, 0, 8), (true, 8));
+        assert_eq!(is_allocated_sectors_min(&b, 24, 16, 0, 8), (true, 24));
+        // A leading zero run that ends on an alignment boundary is skipped; one that
+        // ends inside an aligned block is written with the data after it.
+        let mut p = vec![false; 3];
+        p.extend([true; 5]);
+        let b = sectors(&p);
+        assert_eq!(is_allocated_sectors(&b, 8, 5, 8), (false, 3));
+        assert_eq!(is_allocated_sectors(&b, 8, 0, 8), (true, 8));
+        assert_eq!(is_allocated_sectors(&b, 8, 2, 8), (true, 6));
+    }
+
+    #[test]
+    fn option_lists() {
+        assert!(valid_option_list("a=1,b=2"));
+        assert!(!valid_option_list(",a"));
+        assert!(!valid_option_list("a=1,"));
+        assert!(valid_option_list("a=1,,"));
+        assert_eq!(
+            split_options("preallocation=full,size=1M,x"),
+            vec![
+                ("preallocation".to_string(), Some("full".to_string())),
+                ("size".to_string(), Some("1M".to_string())),
+                ("x".to_string(), None)
+            ]
+        );
+        assert!(has_help_option("size=1,help"));
+    }
 }

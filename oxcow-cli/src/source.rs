@@ -1,0 +1,82 @@
+//! An input image as qemu-img's copying commands see it: opened with its backing
+//! chain, sized in whole 512-byte sectors the way QEMU sizes it (a raw file's length is
+//! rounded up, a qcow2 size rounded down), reads past the file's end returning zeros.
+
+use crate::common;
+use oxcow::{BlockDevice, BlockStatus, Format, Image, OpenOptions};
+
+pub const SECTOR: u64 = 512;
+
+#[derive(Debug)]
+pub struct Source {
+    pub name: String,
+    pub img: Image,
+    /// The device's own size in bytes.
+    real: u64,
+    /// The size QEMU uses: a whole number of sectors.
+    pub len: u64,
+    /// Request alignment for block status runs (the cluster size of a qcow2 image),
+    /// in bytes.
+    pub align: u64,
+}
+
+impl Source {
+    /// Opens `name` read-only (with `-f fmt` if given); the error is the message
+    /// qemu-img prints ("Could not open ...").
+    pub fn open(name: &str, fmt: Option<&str>) -> Result<Source, String> {
+        let img = common::open_image(name, fmt, &OpenOptions::default())?;
+        let real = img.size();
+        let (len, align) = match img.format() {
+            Format::Raw => (real.div_ceil(SECTOR) * SECTOR, SECTOR),
+            Format::Qcow2 => {
+                let cs = img.qcow2().map(|q| q.cluster_size()).unwrap_or(SECTOR);
+                (real / SECTOR * SECTOR, cs.max(SECTOR))
+            }
+        };
+        Ok(Source {
+            name: name.to_string(),
+            img,
+            real,
+            len,
+            align,
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (inside `len`); bytes past the device's
+    /// end read as zeros.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> oxcow::Result<()> {
+        let n = self.real.saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n > 0 {
+            self.img.read_at(&mut buf[..n], offset)?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Block status of the chain at `offset` for at most `len` bytes (`len` >= 1,
+    /// inside `self.len`). The sector tail past the end of a raw file reads as an
+    /// allocated hole.
+    pub fn status(&self, offset: u64, len: u64) -> oxcow::Result<BlockStatus> {
+        if offset >= self.real {
+            return Ok(BlockStatus {
+                len,
+                depth: 0,
+                present: true,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: Some(offset),
+            });
+        }
+        let len = len.min(self.real - offset);
+        oxcow::block_status(&self.img, offset, len)
+    }
+}
+
+/// The reason text QEMU would print after "error while reading ...: ".
+pub fn error_reason(e: &oxcow::Error) -> String {
+    match e {
+        oxcow::Error::Io(io) => common::io_reason(io),
+        other => other.to_string(),
+    }
+}
