@@ -185,10 +185,9 @@ fn block_status(image: &Image, offset: u64, len: u64) -> oxcow::Result<MapEntry>
 fn metadata_error(e: &oxcow::Error) -> String {
     match e {
         oxcow::Error::Io(io) => super::info::strerror(io),
-        oxcow::Error::Corrupt { .. } => {
+        oxcow::Error::Corrupt { what, .. } => {
             eprintln!(
-                "qcow2: Image is corrupt: {}; further non-fatal corruption events will be suppressed",
-                super::info::strip_os_error(&e.to_string())
+                "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
             );
             "Input/output error".to_string()
         }
