@@ -186,6 +186,8 @@ fn metadata_error(e: &oxcow::Error) -> String {
     match e {
         oxcow::Error::Io(io) => super::info::strerror(io),
         oxcow::Error::Corrupt { what, .. } => {
+            // QEMU prints table indexes with %#x: a zero index has no 0x.
+            let what = what.replace("index: 0x0)", "index: 0)");
             eprintln!(
                 "qcow2: Image is corrupt: {what}; further non-fatal corruption events will be suppressed"
             );

@@ -76,10 +76,7 @@ impl Qcow2 {
         }
         if !l2_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
-                format!(
-                    "L2 table offset {l2_offset:#x} unaligned (L1 index: {})",
-                    c_hex(l1_index as u64)
-                ),
+                format!("L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})"),
                 l2_offset,
             ));
         }
@@ -109,10 +106,7 @@ impl Qcow2 {
         let cluster_end = pos - in_cluster + cs;
         let corrupt = |what: String, at: u64| {
             Error::corrupt(
-                format!(
-                    "{what} (L2 offset: {l2_offset:#x}, L2 index: {})",
-                    c_hex(index as u64)
-                ),
+                format!("{what} (L2 offset: {l2_offset:#x}, L2 index: {index:#x})"),
                 at,
             )
         };
@@ -239,14 +233,5 @@ impl Qcow2 {
         let table: L2Table = Arc::from(u64_table(&raw));
         self.l2_cache.insert(offset, table.clone());
         Ok(table)
-    }
-}
-
-/// printf's `%#x`, as QEMU words its corruption messages: 0 has no 0x prefix.
-fn c_hex(v: u64) -> String {
-    if v == 0 {
-        "0".to_string()
-    } else {
-        format!("{v:#x}")
     }
 }
