@@ -474,6 +474,44 @@ qemu-io -c 'write -P 34 1M 1M' -c 'write -z 3M 128k' chain/top.qcow2 >/dev/null"
 }
 
 #[test]
+fn broken_headers() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    qcow2(&d, "a.qcow2", "", "4M", &["write -P 1 0 64k"]);
+    let base = std::fs::read(d.path("a.qcow2")).unwrap();
+    // (name, byte offset, big-endian value, width)
+    let cases: &[(&str, usize, u64, usize)] = &[
+        ("version4.qcow2", 4, 4, 4),
+        ("cluster8.qcow2", 20, 8, 4),
+        ("cluster22.qcow2", 20, 22, 4),
+        ("l1big.qcow2", 36, 0x7fff_ffff, 4),
+        ("l1off.qcow2", 40, 0x1234, 8),
+        ("rtoff.qcow2", 48, 0x1234, 8),
+        ("incompat.qcow2", 72, 1 << 63, 8),
+        ("compat.qcow2", 80, 1 << 40, 8),
+        ("autoclear.qcow2", 88, 1 << 40, 8),
+        ("rorder.qcow2", 96, 7, 4),
+        ("hlen.qcow2", 100, 100, 4),
+    ];
+    for &(name, at, value, width) in cases {
+        let mut f = base.clone();
+        f[at..at + width].copy_from_slice(&value.to_be_bytes()[8 - width..]);
+        std::fs::write(d.path(name), f).unwrap();
+        d.same(&["info", name]);
+        d.same(&["info", "--output=json", name]);
+        d.same(&["map", "--output=json", name]);
+    }
+    // A snapshot table at an unaligned offset.
+    let mut f = base.clone();
+    f[60..64].copy_from_slice(&1u32.to_be_bytes());
+    f[64..72].copy_from_slice(&0x1234u64.to_be_bytes());
+    std::fs::write(d.path("snapoff.qcow2"), f).unwrap();
+    d.same(&["info", "snapoff.qcow2"]);
+}
+
+#[test]
 fn command_line_errors() {
     if !have_qemu() {
         return;

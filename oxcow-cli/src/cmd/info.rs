@@ -143,11 +143,41 @@ pub(crate) fn open_error(filename: &str, e: &oxcow::Error) -> String {
             path.display(),
             strerror(source)
         ),
+        oxcow::Error::BadHeader { field, reason } => match header_reason(field, reason) {
+            Some(r) => format!("Could not open '{filename}': {r}"),
+            None => format!(
+                "Could not open '{filename}': {}",
+                strip_os_error(&e.to_string())
+            ),
+        },
         other => format!(
             "Could not open '{filename}': {}",
             strip_os_error(&other.to_string())
         ),
     }
+}
+
+/// QEMU's words for the header checks it shares with oxcow (qcow2_do_open).
+fn header_reason(field: &str, reason: &str) -> Option<String> {
+    let first_number = || {
+        reason
+            .split(|c: char| !c.is_ascii_digit())
+            .find(|w| !w.is_empty())
+            .map(str::to_string)
+    };
+    Some(match field {
+        "cluster_bits" => format!("Unsupported cluster size: 2^{}", first_number()?),
+        "header_length" if reason.contains("smaller than") => "qcow2 header too short".into(),
+        "header_length" if reason.contains("past the first cluster") => {
+            "qcow2 header exceeds cluster size".into()
+        }
+        "refcount_order" => "Reference count entry width too large; may not exceed 64 bits".into(),
+        "l1_size" if reason.contains("too large") => "Active L1 table too large".into(),
+        "l1_table_offset" => "Active L1 table offset invalid".into(),
+        "refcount_table_offset" => "Reference count table offset invalid".into(),
+        "snapshots_offset" => "Snapshot table offset invalid".into(),
+        _ => return None,
+    })
 }
 
 /// Checks a `-f` argument: only the formats oxcow reads are known.
