@@ -130,6 +130,7 @@ impl Image {
             }
             Format::Qcow2 => {
                 let meta = ImageMeta::load(storage.as_ref())?;
+                meta.check_readable()?;
                 let data_file = match &meta.data_file {
                     Some(name) if meta.header.has_data_file() => {
                         // QEMU opens a relative data file name from the current

@@ -89,11 +89,6 @@ impl ImageMeta {
         if unknown != 0 {
             return Err(Error::UnknownFeatures(meta.describe_incompatible(unknown)));
         }
-        if meta.header.crypt_method != CryptMethod::None {
-            return Err(Error::Unsupported(
-                "Encrypted images are not supported yet by oxcow".to_string(),
-            ));
-        }
         let h = &meta.header;
         if h.backing_file_offset != 0 {
             let start = h.backing_file_offset as usize;
@@ -127,6 +122,17 @@ impl ImageMeta {
             }
         }
         Ok(meta)
+    }
+
+    /// Refuses what the metadata describes but oxcow cannot read: encrypted images
+    /// (their metadata loads, for `info`; their data does not).
+    pub fn check_readable(&self) -> Result<()> {
+        if self.header.crypt_method != CryptMethod::None {
+            return Err(Error::Unsupported(
+                "Encrypted images are not supported yet by oxcow".to_string(),
+            ));
+        }
+        Ok(())
     }
 
     /// Names the incompatible features in `bits`, from the feature name table.

@@ -54,6 +54,7 @@ impl Qcow2 {
         backing: Option<Arc<dyn BlockDevice>>,
         opts: &EngineOptions,
     ) -> Result<Qcow2> {
+        meta.check_readable()?;
         let h = &meta.header;
         if h.has_data_file() && data_file.is_none() {
             return Err(Error::InvalidArgument(
