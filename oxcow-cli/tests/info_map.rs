@@ -474,6 +474,29 @@ qemu-io -c 'write -P 34 1M 1M' -c 'write -z 3M 128k' chain/top.qcow2 >/dev/null"
 }
 
 #[test]
+fn encrypted_images() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    d.sh(
+        "qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
+   -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10 luks.qcow2 1M
+qemu-img create -q -f qcow2 --object secret,id=sec0,data=123456 \
+   -o encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,encrypt.cipher-alg=twofish-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha512 \
+   luks2.qcow2 1M
+qemu-img create -q -f qcow2 aes.qcow2 1M",
+    );
+    // The legacy AES method, set by hand (qemu-img no longer creates it).
+    let mut f = std::fs::read(d.path("aes.qcow2")).unwrap();
+    f[32..36].copy_from_slice(&1u32.to_be_bytes());
+    std::fs::write(d.path("aes.qcow2"), f).unwrap();
+    for name in ["luks.qcow2", "luks2.qcow2", "aes.qcow2"] {
+        d.check_image(name);
+    }
+}
+
+#[test]
 fn broken_headers() {
     if !have_qemu() {
         return;

@@ -11,6 +11,7 @@ use crate::human::size_to_str;
 use crate::qjson;
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::engine::meta::ImageMeta;
+use oxcow::format::header::CryptMethod;
 use oxcow::format::snapshot::SnapshotEntry;
 use oxcow::storage::{FileStorage, Storage};
 use oxcow::Format;
@@ -233,6 +234,7 @@ struct Node {
     actual_size: Option<u64>,
     virtual_size: u64,
     cluster_size: Option<u64>,
+    encrypted: Option<bool>,
     backing_filename: Option<String>,
     full_backing_filename: Option<String>,
     backing_filename_format: Option<String>,
@@ -256,6 +258,9 @@ impl Node {
         m.insert("virtual-size".into(), (self.virtual_size as i64).into());
         if let Some(c) = self.cluster_size {
             m.insert("cluster-size".into(), (c as i64).into());
+        }
+        if let Some(e) = self.encrypted {
+            m.insert("encrypted".into(), e.into());
         }
         if let Some(b) = &self.backing_filename {
             m.insert("backing-filename".into(), b.clone().into());
@@ -308,6 +313,9 @@ impl Node {
             size_to_str(self.virtual_size),
             self.virtual_size as i64
         ));
+        if self.encrypted == Some(true) {
+            out.push_str(&format!("{ind}encrypted: yes\n"));
+        }
         if let Some(c) = self.cluster_size {
             out.push_str(&format!("{ind}cluster_size: {}\n", c as i64));
         }
@@ -479,6 +487,7 @@ fn file_node(filename: &str, storage: &FileStorage, md: &std::fs::Metadata) -> N
         actual_size: storage.allocated_bytes().ok().flatten(),
         virtual_size: len.div_ceil(512) * 512,
         cluster_size: None,
+        encrypted: None,
         backing_filename: None,
         full_backing_filename: None,
         backing_filename_format: None,
@@ -511,7 +520,7 @@ fn full_backing_filename(image: &str, backing: &str) -> Option<String> {
 }
 
 /// `ImageInfoSpecificQCow2`, in schema order.
-fn qcow2_specific(meta: &ImageMeta) -> Value {
+fn qcow2_specific(meta: &ImageMeta, encrypt: Option<Value>) -> Value {
     let h = &meta.header;
     let mut d = Map::new();
     if h.version == 2 {
@@ -529,6 +538,9 @@ fn qcow2_specific(meta: &ImageMeta) -> Value {
         d.insert("corrupt".into(), h.is_corrupt().into());
     }
     d.insert("refcount-bits".into(), (h.refcount_bits() as i64).into());
+    if let Some(e) = encrypt {
+        d.insert("encrypt".into(), e);
+    }
     if h.version != 2 && !meta.bitmaps.is_empty() {
         let list = meta
             .bitmaps
@@ -557,6 +569,157 @@ fn qcow2_specific(meta: &ImageMeta) -> Value {
     Value::Object(spec)
 }
 
+/// `ImageInfoSpecificQCow2Encryption`: the format, and for LUKS what its header says
+/// (qcrypto_block_luks_get_info); no key is needed.
+fn encryption_info(meta: &ImageMeta, storage: &FileStorage) -> Result<Option<Value>, String> {
+    let mut m = Map::new();
+    match meta.header.crypt_method {
+        CryptMethod::None => return Ok(None),
+        CryptMethod::Aes => {
+            m.insert("format".into(), "aes".into());
+        }
+        CryptMethod::Luks => {
+            m.insert("format".into(), "luks".into());
+            let ext = meta
+                .crypto_header
+                .ok_or("Missing crypto header for crypt method 2")?;
+            let mut h = vec![0u8; LUKS_HEADER_LEN];
+            if ext.length < LUKS_HEADER_LEN as u64 {
+                return Err("Volume header is too short".into());
+            }
+            storage
+                .read_at(&mut h, ext.offset)
+                .map_err(|e| strerror(&e))?;
+            for (k, v) in luks_info(&h)? {
+                m.insert(k, v);
+            }
+        }
+    }
+    Ok(Some(Value::Object(m)))
+}
+
+/// Bytes of a LUKS1 header with its eight key slots.
+const LUKS_HEADER_LEN: usize = 592;
+
+/// A NUL-padded string field of a LUKS header.
+fn luks_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// `QCryptoBlockInfoLUKS` from a LUKS1 header, in schema order.
+fn luks_info(h: &[u8]) -> Result<Map<String, Value>, String> {
+    if h.len() < LUKS_HEADER_LEN || &h[..6] != b"LUKS\xba\xbe" {
+        return Err("Volume is not in LUKS format".into());
+    }
+    let version = u16::from_be_bytes([h[6], h[7]]);
+    if version != 1 {
+        return Err(format!("Unsupported LUKS version {version}"));
+    }
+    let cipher_name = luks_str(&h[8..40]);
+    let cipher_mode = luks_str(&h[40..72]);
+    let hash_spec = luks_str(&h[72..104]);
+    let payload_sectors = be32(h, 104);
+    let key_bytes = be32(h, 108);
+    let mk_iters = be32(h, 164);
+    let uuid = luks_str(&h[168..208]);
+
+    // "xts-plain64", "cbc-essiv:sha256": the mode, the IV generator, its hash.
+    let (mode, ivgen) = cipher_mode
+        .split_once('-')
+        .ok_or_else(|| format!("Unexpected cipher mode string format {cipher_mode}"))?;
+    let (ivgen, ivhash) = match ivgen.split_once(':') {
+        Some((g, h)) => (g, Some(h)),
+        None => (ivgen, None),
+    };
+    if !["ecb", "cbc", "xts", "ctr"].contains(&mode) {
+        return Err(format!("Unsupported cipher mode {mode}"));
+    }
+    if !["plain", "plain64", "essiv"].contains(&ivgen) {
+        return Err(format!("Unsupported IV generator {ivgen}"));
+    }
+    let hash_ok = |h: &str| {
+        [
+            "md5",
+            "sha1",
+            "sha224",
+            "sha256",
+            "sha384",
+            "sha512",
+            "ripemd160",
+            "sm3",
+        ]
+        .contains(&h)
+    };
+    if !hash_ok(&hash_spec) {
+        return Err(format!("Unsupported hash algorithm {hash_spec}"));
+    }
+    let key = if mode == "xts" {
+        key_bytes / 2
+    } else {
+        key_bytes
+    };
+    let alg = match (cipher_name.as_str(), key) {
+        ("aes", 16) => "aes-128",
+        ("aes", 24) => "aes-192",
+        ("aes", 32) => "aes-256",
+        ("cast5", 16) => "cast5-128",
+        ("serpent", 16) => "serpent-128",
+        ("serpent", 24) => "serpent-192",
+        ("serpent", 32) => "serpent-256",
+        ("twofish", 16) => "twofish-128",
+        ("twofish", 24) => "twofish-192",
+        ("twofish", 32) => "twofish-256",
+        ("sm4", 16) => "sm4",
+        _ => {
+            return Err(format!(
+                "Algorithm '{cipher_name}' with key size {key} bytes not supported"
+            ))
+        }
+    };
+
+    let mut m = Map::new();
+    m.insert("cipher-alg".into(), alg.into());
+    m.insert("cipher-mode".into(), mode.into());
+    m.insert("ivgen-alg".into(), ivgen.into());
+    if ivgen == "essiv" {
+        match ivhash {
+            Some(hh) if hash_ok(hh) => {
+                m.insert("ivgen-hash-alg".into(), hh.into());
+            }
+            _ => return Err("Missing or unsupported IV generator hash".into()),
+        }
+    }
+    m.insert("hash-alg".into(), hash_spec.into());
+    m.insert("detached-header".into(), false.into());
+    m.insert(
+        "payload-offset".into(),
+        (payload_sectors as i64 * 512).into(),
+    );
+    m.insert("master-key-iters".into(), (mk_iters as i64).into());
+    m.insert("uuid".into(), uuid.into());
+    let slots = (0..8)
+        .map(|i| {
+            let at = 208 + i * 48;
+            let active = be32(h, at) == 0x00AC_71F3;
+            let mut s = Map::new();
+            s.insert("active".into(), active.into());
+            if active {
+                s.insert("iters".into(), (be32(h, at + 4) as i64).into());
+                s.insert("stripes".into(), (be32(h, at + 44) as i64).into());
+            }
+            s.insert("key-offset".into(), (be32(h, at + 40) as i64 * 512).into());
+            Value::Object(s)
+        })
+        .collect();
+    m.insert("slots".into(), Value::Array(slots));
+    Ok(m)
+}
+
 /// Opens one image (no backing file, no data file) and describes it.
 fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
     let format = check_format(filename, fmt)?;
@@ -574,6 +737,7 @@ fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
             actual_size: file.actual_size,
             virtual_size: file.virtual_size,
             cluster_size: None,
+            encrypted: None,
             backing_filename: None,
             full_backing_filename: None,
             backing_filename_format: None,
@@ -584,6 +748,8 @@ fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
         Format::Qcow2 => {
             let meta = ImageMeta::load(&storage).map_err(|e| open_error(filename, &e))?;
             let h = &meta.header;
+            let encrypt = encryption_info(&meta, &storage)
+                .map_err(|r| format!("Could not open '{filename}': {r}"))?;
             let backing = meta.backing_file.clone().filter(|b| !b.is_empty());
             let full = backing
                 .as_deref()
@@ -600,11 +766,12 @@ fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
                 // QEMU counts whole sectors of the header's size.
                 virtual_size: h.size / 512 * 512,
                 cluster_size: Some(h.cluster_size()),
+                encrypted: (h.crypt_method != CryptMethod::None).then_some(true),
                 backing_filename: backing,
                 full_backing_filename: full,
                 backing_filename_format: backing_format,
                 snapshots: meta.snapshots.clone(),
-                format_specific: Some(qcow2_specific(&meta)),
+                format_specific: Some(qcow2_specific(&meta, encrypt)),
                 children: vec![("file".to_string(), file)],
             }
         }

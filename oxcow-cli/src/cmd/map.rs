@@ -254,7 +254,20 @@ fn parse_args(ctx: &Ctx, args: &[String]) -> Result<Option<Args>, Stop> {
 fn open(filename: &str, fmt: Option<&str>) -> Result<Image, String> {
     let format = check_format(filename, fmt)?;
     // The file itself first, for the protocol driver's messages.
-    drop(super::info::open_file(filename)?);
+    let (storage, _) = super::info::open_file(filename)?;
+    // Without a key (oxcow takes no --object), qemu-img cannot open an encrypted image.
+    if format != Some(oxcow::Format::Raw)
+        && oxcow::image::probe(&storage).ok() == Some(oxcow::Format::Qcow2)
+    {
+        if let Ok(meta) = oxcow::engine::meta::ImageMeta::load(&storage) {
+            if meta.header.crypt_method != oxcow::format::header::CryptMethod::None {
+                return Err(format!(
+                    "Could not open '{filename}': Parameter 'encrypt.key-secret' is required for cipher"
+                ));
+            }
+        }
+    }
+    drop(storage);
     let opts = OpenOptions {
         format,
         ..OpenOptions::default()
