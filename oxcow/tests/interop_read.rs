@@ -437,6 +437,28 @@ fn backing_chains() {
     verify(d, "base/base.raw", 5);
 }
 
+/// Raw backing files whose size is not a multiple of 512: QEMU rounds a raw image's
+/// size up to whole sectors, and the overlay reads zeros past the file's end.
+#[test]
+fn odd_sized_raw_backing() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut rng = Rng::new(55);
+    let pats = pattern_files(d, &mut rng, 2);
+    for (i, len) in [MIB + 1000, 3 * MIB - 1, 4096 + 1].into_iter().enumerate() {
+        let base = format!("odd{i}.raw");
+        std::fs::write(d.join(&base), rng.bytes(len as usize)).unwrap();
+        verify(d, &base, rng.next_u64());
+        let top = format!("over{i}.qcow2");
+        let opts = format!("cluster_size=4096,backing_file={base},backing_fmt=raw");
+        create_qcow2(d, &top, &opts, "4M");
+        verify(d, &top, rng.next_u64());
+        let mut w = Workload::new(4 * MIB, 4096).ops(40);
+        qemu_io(d, &top, &w.commands(&mut rng, &pats));
+        verify(d, &top, rng.next_u64());
+    }
+}
+
 /// Random workloads on both layers of a two-layer qcow2 chain, several seeds.
 #[test]
 fn random_workloads_over_backing() {
@@ -477,6 +499,7 @@ fn external_data_file() {
     let pats = pattern_files(d, &mut rng, 3);
     std::fs::create_dir(d.join("data")).unwrap();
     let size = 16 * MIB;
+    make_raw(d, "base.raw", 12 * MIB, &mut rng);
     // QEMU opens a relative data file name from its current directory, not the
     // image's: absolute names keep these images readable from anywhere.
     let cases = [
@@ -486,6 +509,8 @@ fn external_data_file() {
         "data_file={D}/d.raw,data_file_raw=on,cluster_size=4096",
         "data_file={D}/e.raw,preallocation=metadata",
         "data_file={D}/f.raw,extended_l2=on,preallocation=metadata",
+        "data_file={D}/g.raw,backing_file=base.raw,backing_fmt=raw",
+        "data_file={D}/h.raw,extended_l2=on,backing_file=base.raw,backing_fmt=raw",
     ];
     for (i, opts) in cases.into_iter().enumerate() {
         let name = format!("df{i}.qcow2");
