@@ -73,10 +73,13 @@ impl Source {
     }
 }
 
-/// The reason text QEMU would print after "error while reading ...: ".
+/// The reason text QEMU would print after "error while reading ...: ". A cluster
+/// that does not decompress is an I/O error for QEMU (EIO); other library errors
+/// (corruption QEMU would not notice) keep oxcow's own description.
 pub fn error_reason(e: &oxcow::Error) -> String {
     match e {
         oxcow::Error::Io(io) => common::io_reason(io),
+        oxcow::Error::Decompress { .. } => "Input/output error".to_string(),
         other => other.to_string(),
     }
 }

@@ -556,3 +556,37 @@ fn dd_matches_qemu() {
         d.same(args);
     }
 }
+
+#[test]
+fn read_errors_match_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    d.qemu_img(&["create", "-q", "-f", "qcow2", "cc.qcow2", "1M"]);
+    d.qemu_io(
+        "cc.qcow2",
+        "qcow2",
+        &["write -c -P 0x41 0 64k", "write -c -P 0x42 64k 64k", "write -P 0x43 512k 64k"],
+    );
+    // Break the first compressed cluster: find it through L1[0] and L2[0] (64 KiB
+    // clusters: the host offset is the low 54 bits of the entry).
+    let mut bytes = d.read("cc.qcow2");
+    let be = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    let l1 = be(40) as usize;
+    let l2 = (be(l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = be(l2);
+    assert!(entry & (1 << 62) != 0, "cluster 0 is compressed");
+    let start = (entry & ((1 << 54) - 1)) as usize + 5;
+    bytes[start..start + 8].fill(0xff);
+    std::fs::write(d.path("bad.qcow2"), &bytes).unwrap();
+    for args in [
+        &["convert", "-O", "raw", "bad.qcow2", "o.raw"][..],
+        &["convert", "-p", "-O", "raw", "bad.qcow2", "o.raw"],
+        &["convert", "-p", "-m", "1", "-O", "raw", "bad.qcow2", "o.raw"],
+        &["compare", "bad.qcow2", "cc.qcow2"],
+        &["dd", "if=bad.qcow2", "of=o.raw"],
+    ] {
+        d.same(args);
+    }
+}

@@ -1103,11 +1103,13 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             (first, count, copier.process(buf, job))
         },
         |(first, count, r): (usize, usize, Result<(), Failure>)| {
-            for s in &segs[first..first + count] {
+            let mut failed_at = None;
+            for (i, s) in segs.iter().enumerate().skip(first).take(count) {
                 if let Err(f) = &r {
                     if f.at < s.out {
                         break;
                     }
+                    failed_at = Some(i);
                 }
                 if counted(s) {
                     done += s.len;
@@ -1115,6 +1117,17 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
                 }
             }
             if let Err(f) = r {
+                // qemu-img's other coroutines had taken (and counted) the next
+                // requests before the failure was seen.
+                let after = failed_at.map_or(first + count, |i| i + 1);
+                for s in segs[after..]
+                    .iter()
+                    .filter(|s| counted(s))
+                    .take(o.parallel as usize - 1)
+                {
+                    done += s.len;
+                    progress.print((100.0 * done as f64 / allocated as f64) as f32, 0);
+                }
                 ctx.error(format!(
                     "error while {} at byte {}: {}",
                     if f.write { "writing" } else { "reading" },
