@@ -567,7 +567,11 @@ fn read_errors_match_qemu() {
     d.qemu_io(
         "cc.qcow2",
         "qcow2",
-        &["write -c -P 0x41 0 64k", "write -c -P 0x42 64k 64k", "write -P 0x43 512k 64k"],
+        &[
+            "write -c -P 0x41 0 64k",
+            "write -c -P 0x42 64k 64k",
+            "write -P 0x43 512k 64k",
+        ],
     );
     // Break the first compressed cluster: find it through L1[0] and L2[0] (64 KiB
     // clusters: the host offset is the low 54 bits of the entry).
@@ -583,7 +587,16 @@ fn read_errors_match_qemu() {
     for args in [
         &["convert", "-O", "raw", "bad.qcow2", "o.raw"][..],
         &["convert", "-p", "-O", "raw", "bad.qcow2", "o.raw"],
-        &["convert", "-p", "-m", "1", "-O", "raw", "bad.qcow2", "o.raw"],
+        &[
+            "convert",
+            "-p",
+            "-m",
+            "1",
+            "-O",
+            "raw",
+            "bad.qcow2",
+            "o.raw",
+        ],
         &["compare", "bad.qcow2", "cc.qcow2"],
         &["dd", "if=bad.qcow2", "of=o.raw"],
     ] {
