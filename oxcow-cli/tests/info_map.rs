@@ -408,8 +408,26 @@ qemu-io -c 'write -P 1 0 64k' -c abort dirty.qcow2 >/dev/null 2>&1 || true
 qemu-img create -q -f qcow2 corrupt.qcow2 8M
 qemu-io -c 'write -P 1 0 64k' corrupt.qcow2 >/dev/null
 printf '\\002' | dd of=corrupt.qcow2 bs=1 seek=79 conv=notrunc status=none");
+    // Snapshot fields qemu-img never writes itself: a VM clock, a VM state size, no
+    // instruction count.
+    for (name, icount) in [("clock.qcow2", 12345u64), ("noicount.qcow2", u64::MAX)] {
+        d.sh(&format!(
+            "qemu-img create -q -f qcow2 {name} 1M\nqemu-img snapshot -c s {name}"
+        ));
+        let mut f = std::fs::read(d.path(name)).unwrap();
+        let at = u64::from_be_bytes(f[64..72].try_into().unwrap()) as usize;
+        f[at + 24..at + 32].copy_from_slice(&3_723_456_789_000u64.to_be_bytes());
+        f[at + 32..at + 36].copy_from_slice(&5_000_000u32.to_be_bytes());
+        let extra = u32::from_be_bytes(f[at + 36..at + 40].try_into().unwrap());
+        assert!(extra >= 24, "snapshot extra data of {extra} bytes");
+        f[at + 40..at + 48].copy_from_slice(&5_000_000u64.to_be_bytes());
+        f[at + 56..at + 64].copy_from_slice(&icount.to_be_bytes());
+        std::fs::write(d.path(name), f).unwrap();
+    }
     d.sync();
     for name in [
+        "clock.qcow2",
+        "noicount.qcow2",
         "snap.qcow2",
         "snapv2.qcow2",
         "bm.qcow2",
