@@ -70,7 +70,7 @@ impl Qcow2 {
         if l2_offset == 0 {
             return Ok((Run::Unallocated, max));
         }
-        if l2_offset % cs != 0 {
+        if !l2_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
                 format!("L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})"),
                 l2_offset,
@@ -188,7 +188,7 @@ impl Qcow2 {
 
     fn check_data_cluster(&self, host: u64, corrupt: &dyn Fn(String, u64) -> Error) -> Result<()> {
         let cs = self.meta.header.cluster_size();
-        if host % cs != 0 {
+        if !host.is_multiple_of(cs) {
             return Err(corrupt(
                 format!("Cluster allocation offset {host:#x} unaligned"),
                 host,

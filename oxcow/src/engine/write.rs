@@ -393,7 +393,7 @@ impl Qcow2 {
             let g1 = (p.end / granule) * granule;
             let at_end = cluster + cs >= self.size.load(Ordering::Acquire)
                 && p.end + cluster == self.size.load(Ordering::Acquire);
-            if h.version >= 3 && (g0 < g1 || (at_end && p.start % granule == 0)) {
+            if h.version >= 3 && (g0 < g1 || (at_end && p.start.is_multiple_of(granule))) {
                 let g1 = if at_end {
                     p.end.div_ceil(granule) * granule
                 } else {
@@ -626,7 +626,7 @@ impl Qcow2 {
     /// and drops everything past the new end.
     pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
         let w = self.writer()?;
-        if new_size % 512 != 0 {
+        if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(
                 "Image size must be a multiple of 512 bytes".into(),
             ));
@@ -697,7 +697,7 @@ impl Qcow2 {
         let cs = self.cluster_size();
         let h = &self.meta.header;
         let start = new_size.div_ceil(cs) * cs;
-        if start < old_size && new_size % cs != 0 {
+        if start < old_size && !new_size.is_multiple_of(cs) {
             // The last cluster is partly kept: zero its tail so growing later reads zeros.
             self.write_zeroes(new_size, start.min(old_size) - new_size, false)?;
         }
