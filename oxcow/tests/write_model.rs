@@ -81,17 +81,28 @@ fn qemu_reads(path: &Path, model: &[u8]) {
     }
 }
 
-/// Runs a random program of `steps` operations; returns the model.
-fn run_program(
-    path: &Path,
+/// A random program to run on one image.
+struct Program<'a> {
     size: u64,
     cluster: u64,
     v2: bool,
     seed: u64,
     steps: usize,
-    backing: Option<&[u8]>,
+    backing: Option<&'a [u8]>,
     cache: Option<u64>,
-) -> Vec<u8> {
+}
+
+/// Runs a random program; returns the model.
+fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
+    let Program {
+        size,
+        cluster,
+        v2,
+        seed,
+        steps,
+        backing,
+        cache,
+    } = *prog;
     let mut rng = Rng(seed | 1);
     let mut model = backing
         .map(|b| {
@@ -138,8 +149,8 @@ fn run_program(
                     let ce = (c + cluster).min(size) as usize;
                     match (v2, backing) {
                         (true, Some(b)) => {
-                            for i in c as usize..ce {
-                                model[i] = b.get(i).copied().unwrap_or(0);
+                            for (i, m) in model.iter_mut().enumerate().take(ce).skip(c as usize) {
+                                *m = b.get(i).copied().unwrap_or(0);
                             }
                         }
                         _ => model[c as usize..ce].fill(0),
@@ -252,13 +263,15 @@ fn random_programs_agree_with_the_model_and_qemu() {
             let cache = if seed == 2 { Some(cs) } else { None };
             let model = run_program(
                 &p,
-                size,
-                cs,
-                v2,
-                seed * 7919 + name.len() as u64,
-                120,
-                None,
-                cache,
+                &Program {
+                    size,
+                    cluster: cs,
+                    v2,
+                    seed: seed * 7919 + name.len() as u64,
+                    steps: 120,
+                    backing: None,
+                    cache,
+                },
             );
             qemu_check_clean(&p);
             qemu_reads(&p, &model);
@@ -295,7 +308,18 @@ fn writes_over_a_backing_file_copy_on_write() {
                 ..Default::default()
             },
         );
-        let model = run_program(&p, size, cs, v2, 4242, 150, Some(&base_bytes), None);
+        let model = run_program(
+            &p,
+            &Program {
+                size,
+                cluster: cs,
+                v2,
+                seed: 4242,
+                steps: 150,
+                backing: Some(&base_bytes),
+                cache: None,
+            },
+        );
         qemu_check_clean(&p);
         qemu_reads(&p, &model);
     }
