@@ -3,9 +3,11 @@
 
 mod file;
 mod memory;
+mod recording;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use recording::{Op, RecordingStorage};
 
 use std::io;
 
