@@ -43,7 +43,16 @@ struct Recorded {
 
 fn open(storage: Arc<dyn Storage>, writable: bool, cache: Option<u64>) -> oxcow::Result<Qcow2> {
     let meta = ImageMeta::load(storage.as_ref())?;
-    Qcow2::open(meta, storage, None, None, &EngineOptions { l2_cache_bytes: cache, writable })
+    Qcow2::open(
+        meta,
+        storage,
+        None,
+        None,
+        &EngineOptions {
+            l2_cache_bytes: cache,
+            writable,
+        },
+    )
 }
 
 fn record(opts: &CreateOptions, seed: u64, steps: usize, cache: Option<u64>) -> Recorded {
@@ -56,7 +65,10 @@ fn record(opts: &CreateOptions, seed: u64, steps: usize, cache: Option<u64>) -> 
     let cs = opts.cluster_size;
     let mut rng = Rng(seed | 1);
     let mut model = vec![0u8; size as usize];
-    let mut checkpoints = vec![Checkpoint { log_len: 0, model: model.clone() }];
+    let mut checkpoints = vec![Checkpoint {
+        log_len: 0,
+        model: model.clone(),
+    }];
     let mut touched = vec![vec![0u8; size as usize]];
     for _ in 0..steps {
         let op = rng.below(100);
@@ -81,7 +93,10 @@ fn record(opts: &CreateOptions, seed: u64, steps: usize, cache: Option<u64>) -> 
             }
         } else {
             img.flush().unwrap();
-            checkpoints.push(Checkpoint { log_len: rec.log().len(), model: model.clone() });
+            checkpoints.push(Checkpoint {
+                log_len: rec.log().len(),
+                model: model.clone(),
+            });
             touched.push(vec![0u8; size as usize]);
             continue;
         }
@@ -91,18 +106,32 @@ fn record(opts: &CreateOptions, seed: u64, steps: usize, cache: Option<u64>) -> 
     }
     let log = rec.log();
     std::mem::forget(img); // a crash: no final flush
-    Recorded { base, log, checkpoints, touched, size }
+    Recorded {
+        base,
+        log,
+        checkpoints,
+        touched,
+        size,
+    }
 }
 
 /// Crash states of span `i`: (ops applied in full, extra ops applied after them).
 fn crash_states(r: &Recorded, i: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
     let start = r.checkpoints[i].log_len;
-    let end = r.checkpoints.get(i + 1).map(|c| c.log_len).unwrap_or(r.log.len());
+    let end = r
+        .checkpoints
+        .get(i + 1)
+        .map(|c| c.log_len)
+        .unwrap_or(r.log.len());
     let mut states = Vec::new();
     for p in start..=end {
         // Everything up to the last flush before p is durable; of the writes after
         // it, the prefix, and some random subsets.
-        let f = (start..p).rev().find(|&j| r.log[j] == Op::Flush).map(|j| j + 1).unwrap_or(start);
+        let f = (start..p)
+            .rev()
+            .find(|&j| r.log[j] == Op::Flush)
+            .map(|j| j + 1)
+            .unwrap_or(start);
         let free: Vec<usize> = (f..p).collect();
         states.push((0..p).collect());
         if free.len() > 1 {
@@ -121,13 +150,30 @@ fn check_state(r: &Recorded, span: usize, ops: &[usize], dir: &std::path::Path, 
     RecordingStorage::replay(&mut bytes, ops.iter().map(|&i| &r.log[i]));
     let path = dir.join(format!("crash{n}.qcow2"));
     std::fs::write(&path, &bytes).unwrap();
-    let out = Command::new("qemu-img").args(["check", "--output=json"]).arg(&path).output().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(!s.contains("\"corruptions\"") && !s.contains("check-errors\": 1") && (out.status.code() == Some(0) || out.status.code() == Some(3)), "state {n} (span {span}, {} ops): qemu-img check:\n{s}{}", ops.len(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !s.contains("\"corruptions\"")
+            && !s.contains("check-errors\": 1")
+            && (out.status.code() == Some(0) || out.status.code() == Some(3)),
+        "state {n} (span {span}, {} ops): qemu-img check:\n{s}{}",
+        ops.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let img = open(Arc::new(MemoryStorage::from_vec(bytes.clone())), false, None).unwrap_or_else(|e| panic!("state {n}: open: {e}"));
+    let img = open(
+        Arc::new(MemoryStorage::from_vec(bytes.clone())),
+        false,
+        None,
+    )
+    .unwrap_or_else(|e| panic!("state {n}: open: {e}"));
     let mut got = vec![0u8; r.size as usize];
-    img.read_at(&mut got, 0).unwrap_or_else(|e| panic!("state {n}: read: {e}"));
+    img.read_at(&mut got, 0)
+        .unwrap_or_else(|e| panic!("state {n}: read: {e}"));
     let old = &r.checkpoints[span].model;
     let new = r.checkpoints.get(span + 1).map(|c| &c.model);
     let touched = &r.touched[span];
@@ -137,7 +183,11 @@ fn check_state(r: &Recorded, span: usize, ops: &[usize], dir: &std::path::Path, 
             1 => got[b] == old[b] || got[b] == 0 || new.is_none_or(|m| got[b] == m[b]),
             _ => true,
         };
-        assert!(ok, "state {n} (span {span}): guest byte {b:#x} reads {:#04x}, flushed {:#04x}", got[b], old[b]);
+        assert!(
+            ok,
+            "state {n} (span {span}): guest byte {b:#x} reads {:#04x}, flushed {:#04x}",
+            got[b], old[b]
+        );
     }
     // The crashed image takes more writes and stays consistent.
     if n % 7 == 0 {
@@ -150,9 +200,16 @@ fn check_state(r: &Recorded, span: usize, ops: &[usize], dir: &std::path::Path, 
         let mut after = vec![0u8; mem.len().unwrap() as usize];
         mem.read_at(&mut after, 0).unwrap();
         std::fs::write(&path, &after).unwrap();
-        let out = Command::new("qemu-img").args(["check", "--output=json"]).arg(&path).output().unwrap();
+        let out = Command::new("qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&path)
+            .output()
+            .unwrap();
         let s = String::from_utf8_lossy(&out.stdout);
-        assert!(!s.contains("\"corruptions\""), "state {n} after more writes:\n{s}");
+        assert!(
+            !s.contains("\"corruptions\""),
+            "state {n} after more writes:\n{s}"
+        );
     }
 }
 
@@ -167,18 +224,74 @@ fn simulate(name: &str, opts: CreateOptions, seed: u64, steps: usize, cache: Opt
             n += 1;
         }
     }
-    eprintln!("{name}: {n} crash states checked ({} logged operations)", r.log.len());
+    eprintln!(
+        "{name}: {n} crash states checked ({} logged operations)",
+        r.log.len()
+    );
     n
 }
 
 #[test]
 fn every_crash_state_is_consistent() {
     let mut total = 0;
-    total += simulate("64k", CreateOptions { size: 4 << 20, ..Default::default() }, 11, 60, None);
-    total += simulate("512b-tiny-cache", CreateOptions { size: 1 << 20, cluster_size: 512, ..Default::default() }, 12, 50, Some(512));
-    total += simulate("extl2", CreateOptions { size: 4 << 20, extended_l2: true, ..Default::default() }, 13, 50, None);
-    total += simulate("rb1-4k", CreateOptions { size: 2 << 20, cluster_size: 4096, refcount_bits: 1, ..Default::default() }, 14, 50, Some(4096));
-    total += simulate("v2", CreateOptions { size: 2 << 20, version: 2, ..Default::default() }, 15, 40, None);
+    total += simulate(
+        "64k",
+        CreateOptions {
+            size: 4 << 20,
+            ..Default::default()
+        },
+        11,
+        60,
+        None,
+    );
+    total += simulate(
+        "512b-tiny-cache",
+        CreateOptions {
+            size: 1 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+        12,
+        50,
+        Some(512),
+    );
+    total += simulate(
+        "extl2",
+        CreateOptions {
+            size: 4 << 20,
+            extended_l2: true,
+            ..Default::default()
+        },
+        13,
+        50,
+        None,
+    );
+    total += simulate(
+        "rb1-4k",
+        CreateOptions {
+            size: 2 << 20,
+            cluster_size: 4096,
+            refcount_bits: 1,
+            ..Default::default()
+        },
+        14,
+        50,
+        Some(4096),
+    );
+    total += simulate(
+        "v2",
+        CreateOptions {
+            size: 2 << 20,
+            version: 2,
+            ..Default::default()
+        },
+        15,
+        40,
+        None,
+    );
     eprintln!("crash simulation: {total} crash states in all");
-    assert!(total > 500, "too few crash states ({total}) to mean anything");
+    assert!(
+        total > 500,
+        "too few crash states ({total}) to mean anything"
+    );
 }

@@ -24,7 +24,10 @@ pub struct RecordingStorage {
 impl RecordingStorage {
     /// Starts from `initial` bytes with an empty log.
     pub fn new(initial: Vec<u8>) -> Self {
-        RecordingStorage { inner: MemoryStorage::from_vec(initial), log: Mutex::new(Vec::new()) }
+        RecordingStorage {
+            inner: MemoryStorage::from_vec(initial),
+            log: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn log(&self) -> Vec<Op> {
@@ -66,7 +69,10 @@ impl Storage for RecordingStorage {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let mut log = self.log.lock();
         self.inner.write_at(buf, offset)?;
-        log.push(Op::Write { offset, data: buf.to_vec() });
+        log.push(Op::Write {
+            offset,
+            data: buf.to_vec(),
+        });
         Ok(())
     }
 
