@@ -190,7 +190,7 @@ fn check_state(r: &Recorded, span: usize, ops: &[usize], dir: &std::path::Path, 
         );
     }
     // The crashed image takes more writes and stays consistent.
-    if n % 7 == 0 {
+    if n.is_multiple_of(7) {
         let st: Arc<dyn Storage> = Arc::new(MemoryStorage::from_vec(bytes));
         let img = open(st.clone(), true, None).unwrap();
         img.write_at(&[0x5a; 4096], 0).unwrap();
