@@ -158,6 +158,19 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
                 }
             }
             what = format!("discard {off:#x}+{len:#x}");
+        } else if op < 90 {
+            // A compressed cluster, which only unallocated clusters can take.
+            let c = rng.below(size.div_ceil(cluster)) * cluster;
+            let n = cluster.min(size - c);
+            let fill = (rng.next() & 0xff) as u8;
+            let data: Vec<u8> = (0..n)
+                .map(|i| fill.wrapping_add((i / 4096) as u8))
+                .collect();
+            match img.qcow2().expect("qcow2").write_compressed(&data, c) {
+                Ok(()) => model[c as usize..(c + n) as usize].copy_from_slice(&data),
+                Err(e) => assert!(e.to_string().contains("overwrite"), "{e}"),
+            }
+            what = format!("write -c {c:#x}");
         } else if op < 93 {
             img.flush().unwrap();
             what = "flush".into();

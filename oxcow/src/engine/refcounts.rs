@@ -205,6 +205,11 @@ impl Refcounts {
         Ok(start << self.cluster_bits)
     }
 
+    /// The lowest free cluster, without taking it (the caller updates its refcount).
+    pub fn find_free_cluster(&mut self, io: &dyn Storage) -> Result<u64> {
+        self.find_free(io, 1)
+    }
+
     /// Allocates `size` bytes of contiguous clusters and returns their offset.
     pub fn alloc(&mut self, io: &dyn Storage, size: u64) -> Result<u64> {
         let n = size.div_ceil(self.cluster_size()).max(1);

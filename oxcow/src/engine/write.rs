@@ -34,7 +34,7 @@ struct Piece {
 }
 
 impl Qcow2 {
-    fn writer(&self) -> Result<&Writer> {
+    pub(super) fn writer(&self) -> Result<&Writer> {
         self.writer
             .as_ref()
             .ok_or_else(|| Error::Unsupported("the image is open read-only".into()))
@@ -71,7 +71,7 @@ impl Qcow2 {
 
     /// Locks the writer state once no allocation of guest cluster `cluster` is under
     /// way.
-    fn lock_cluster<'a>(
+    pub(super) fn lock_cluster<'a>(
         &'a self,
         w: &'a Writer,
         cluster: u64,
@@ -88,7 +88,7 @@ impl Qcow2 {
         Ok(st)
     }
 
-    fn finish_inflight(&self, w: &Writer, st: &mut WriteState, cluster: u64) {
+    pub(super) fn finish_inflight(&self, w: &Writer, st: &mut WriteState, cluster: u64) {
         st.inflight.remove(&cluster);
         w.done.notify_all();
     }
@@ -105,7 +105,7 @@ impl Qcow2 {
     /// Refuses (and marks the image corrupt) when a freshly allocated range covers
     /// the header, the L1 table or the refcount table: refcounts that say such
     /// clusters are free are wrong, and writing there would destroy metadata.
-    fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
+    pub(super) fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let h = &st.header;
         let overlaps = |start: u64, l: u64| l > 0 && off < start + l && start < off + len;
@@ -149,7 +149,7 @@ impl Qcow2 {
 
     /// The L2 table (host offset) that maps guest `guest`, ready to be changed: a new
     /// one when there is none, a private copy when it is shared with a snapshot.
-    fn l2_for_write(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
+    pub(super) fn l2_for_write(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let l1_index = (guest / self.meta.header.l2_coverage()) as usize;
         let entry = self
@@ -182,7 +182,7 @@ impl Qcow2 {
     }
 
     /// The raw words (entry, bitmap) of guest cluster `guest` in table `l2`.
-    fn l2_words(&self, l2: u64, guest: u64) -> Result<(u64, u64)> {
+    pub(super) fn l2_words(&self, l2: u64, guest: u64) -> Result<(u64, u64)> {
         let t = self.l2_table(l2)?;
         Ok(self.words_in(&t, guest))
     }
@@ -197,7 +197,7 @@ impl Qcow2 {
         }
     }
 
-    fn set_l2_words(&self, l2: u64, guest: u64, word: u64, bitmap: u64) -> Result<()> {
+    pub(super) fn set_l2_words(&self, l2: u64, guest: u64, word: u64, bitmap: u64) -> Result<()> {
         let h = &self.meta.header;
         let i = ((guest % h.l2_coverage()) / h.cluster_size()) as usize;
         let ext = h.has_extended_l2();
@@ -218,7 +218,7 @@ impl Qcow2 {
         }
     }
 
-    fn decode(&self, word: u64, bitmap: u64) -> L2Entry {
+    pub(super) fn decode(&self, word: u64, bitmap: u64) -> L2Entry {
         let h = &self.meta.header;
         if h.has_extended_l2() {
             L2Entry::decode_extended(word, bitmap, h.cluster_bits)
@@ -539,7 +539,7 @@ impl Qcow2 {
 
     /// Writes dirty L2 tables when the cache holds more than it should (after the
     /// refcount blocks they depend on).
-    fn writeback_if_needed(&self, w: &Writer) -> Result<()> {
+    pub(super) fn writeback_if_needed(&self, w: &Writer) -> Result<()> {
         if !self.l2_cache.over_capacity() {
             return Ok(());
         }

@@ -26,6 +26,8 @@ pub(crate) struct WriteState {
     pub pending_frees: Vec<(u64, u64, bool)>,
     /// Guest clusters whose allocation is under way; other writers wait for them.
     pub inflight: HashSet<u64>,
+    /// Where the next compressed cluster may go (0: start a new host cluster).
+    pub free_byte_offset: u64,
     /// Set once a metadata overlap was found: no more writes.
     pub corrupt: bool,
 }
@@ -93,6 +95,7 @@ impl Writer {
                 l1_dirty: false,
                 pending_frees: Vec::new(),
                 inflight: HashSet::new(),
+                free_byte_offset: 0,
                 corrupt: false,
             }),
             done: Condvar::new(),
