@@ -158,7 +158,7 @@ impl Qcow2 {
         )?;
         self.file_len
             .fetch_max(offset + len, std::sync::atomic::Ordering::AcqRel);
-        st.free_byte_offset = if (offset + len) % cs == 0 {
+        st.free_byte_offset = if (offset + len).is_multiple_of(cs) {
             0
         } else {
             offset + len
