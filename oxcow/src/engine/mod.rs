@@ -7,6 +7,7 @@ pub mod decompress;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
+mod preallocate;
 mod read;
 pub mod refcounts;
 mod write;

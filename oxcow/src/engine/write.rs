@@ -94,7 +94,7 @@ impl Qcow2 {
     }
 
     /// Allocates `n` contiguous host clusters and checks they overlap no metadata.
-    fn alloc_clusters(&self, st: &mut WriteState, n: u64) -> Result<u64> {
+    pub(super) fn alloc_clusters(&self, st: &mut WriteState, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let off = st.refcounts.alloc(self.storage.as_ref(), n * cs)?;
         self.check_overlap(st, off, n * cs)?;
