@@ -127,19 +127,11 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Bloc
                     layer = b;
                     depth += 1;
                 }
-                Some(_) => {
-                    // Past the end of a shorter backing file: zeros, owned by no layer.
-                    return Ok(BlockStatus {
-                        len,
-                        depth: depth + 1,
-                        present: false,
-                        zero: true,
-                        data: false,
-                        compressed: false,
-                        offset: None,
-                    });
-                }
-                None => {
+                // Past the end of a shorter backing file, or no backing file: zeros,
+                // owned by no layer; QEMU reports them at the depth of this layer, with
+                // the host offset this layer gave (an unallocated subcluster of an
+                // allocated cluster has one).
+                _ => {
                     return Ok(BlockStatus {
                         len,
                         depth,
@@ -147,7 +139,7 @@ pub fn block_status(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<Bloc
                         zero: true,
                         data: false,
                         compressed: false,
-                        offset: None,
+                        offset: s.offset,
                     });
                 }
             },

@@ -13,7 +13,9 @@ pub struct RawImage {
 
 impl RawImage {
     pub fn open(storage: Arc<dyn Storage>) -> Result<RawImage> {
-        let size = storage.len()?;
+        // QEMU counts a file in 512-byte sectors, rounding up: the tail of a partial
+        // last sector reads as zeros.
+        let size = storage.len()?.div_ceil(512) * 512;
         Ok(RawImage { storage, size })
     }
 

@@ -14,8 +14,9 @@ use std::sync::Arc;
 /// What a run of guest bytes maps to in this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Run {
-    /// Not allocated here: the backing file shows through.
-    Unallocated,
+    /// Not allocated here: the backing file shows through. `host` is where an
+    /// allocated cluster of extended L2 entries holds the (unallocated) subcluster.
+    Unallocated { host: Option<u64> },
     /// Reads as zeros; `host` is where a preallocated run lies.
     Zero { host: Option<u64> },
     /// Data at `host` in the data storage, contiguous for the whole run.
@@ -27,7 +28,7 @@ pub enum Run {
 impl Run {
     pub fn status(&self, len: u64) -> LayerStatus {
         let (kind, offset, compressed) = match *self {
-            Run::Unallocated => (StatusKind::Unallocated, None, false),
+            Run::Unallocated { host } => (StatusKind::Unallocated, host, false),
             Run::Zero { host } => (StatusKind::Zero, host, false),
             Run::Data { host } => (StatusKind::Data, Some(host), false),
             Run::Compressed(_) => (StatusKind::Data, None, true),
@@ -47,6 +48,9 @@ impl Run {
             Run::Zero { host: Some(h) } => Run::Zero {
                 host: Some(h + delta),
             },
+            Run::Unallocated { host: Some(h) } => Run::Unallocated {
+                host: Some(h + delta),
+            },
             Run::Data { host } => Run::Data { host: host + delta },
             other => other,
         }
@@ -64,11 +68,11 @@ impl Qcow2 {
         let table_end = (offset / coverage + 1) * coverage;
         let max = len.min(table_end - offset);
         let Some(l1_entry) = self.l1.read().get(l1_index).copied() else {
-            return Ok((Run::Unallocated, max));
+            return Ok((Run::Unallocated { host: None }, max));
         };
         let l2_offset = l1l2::l1_l2_offset(l1_entry);
         if l2_offset == 0 {
-            return Ok((Run::Unallocated, max));
+            return Ok((Run::Unallocated { host: None }, max));
         }
         if !l2_offset.is_multiple_of(cs) {
             return Err(Error::corrupt(
@@ -109,10 +113,10 @@ impl Qcow2 {
         let entry = if h.has_extended_l2() {
             L2Entry::decode_extended(table[index * 2], table[index * 2 + 1], bits)
         } else {
-            L2Entry::decode(table[index], bits, h.data_file_raw())
+            L2Entry::decode(table[index], bits, h.has_data_file())
         };
         let run = match entry {
-            L2Entry::Unallocated => Run::Unallocated,
+            L2Entry::Unallocated => Run::Unallocated { host: None },
             L2Entry::Zero { host } => {
                 if let Some(host) = host {
                     if host % cs != 0 {
@@ -152,7 +156,10 @@ impl Qcow2 {
                 Run::Compressed(d)
             }
             L2Entry::Extended {
-                host, alloc, zero, ..
+                host,
+                alloc,
+                zero,
+                copied,
             } => {
                 let sc_size = cs / SUBCLUSTERS as u64;
                 let sc = (in_cluster / sc_size) as u32;
@@ -160,13 +167,17 @@ impl Qcow2 {
                 if alloc & zero != 0 {
                     return Err(corrupt(format!("Invalid subcluster bitmap: allocated and zero bits both set ({alloc:#x}, {zero:#x})"), l2_offset));
                 }
-                if host == 0 && alloc != 0 && !h.data_file_raw() {
+                // Host offset 0 is a real cluster of an external data file: QEMU tells
+                // it from "no cluster" by the COPIED flag (data file clusters always
+                // have refcount 1).
+                let allocated = host != 0 || (h.has_data_file() && copied);
+                if !allocated && alloc != 0 {
                     return Err(corrupt(
                         "Subclusters allocated in an unallocated cluster".into(),
                         l2_offset,
                     ));
                 }
-                if host != 0 {
+                if allocated {
                     self.check_data_cluster(host, &corrupt)?;
                 }
                 let run = if alloc & (1 << sc) != 0 {
@@ -175,10 +186,12 @@ impl Qcow2 {
                     }
                 } else if zero & (1 << sc) != 0 {
                     Run::Zero {
-                        host: (host != 0).then_some(host + in_cluster),
+                        host: allocated.then_some(host + in_cluster),
                     }
                 } else {
-                    Run::Unallocated
+                    Run::Unallocated {
+                        host: allocated.then_some(host + in_cluster),
+                    }
                 };
                 return Ok((run, unit_end));
             }

@@ -7,6 +7,7 @@ pub mod decompress;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
+mod prealloc;
 mod preallocate;
 mod read;
 pub mod refcounts;
@@ -48,7 +49,7 @@ pub struct Qcow2 {
     l1: RwLock<Vec<u64>>,
     l2_cache: L2Cache,
     /// Whether some allocated clusters may be holes in the file, so block status
-    /// must ask the file (images with preallocation=metadata).
+    /// must ask the file (images with preallocation=metadata, detected as QEMU does).
     file_may_have_holes: bool,
     /// The virtual size (changes with resize).
     size: AtomicU64,
@@ -82,10 +83,7 @@ impl Qcow2 {
             .l2_cache_bytes
             .unwrap_or_else(|| (l1.len() as u64 * cs).min(DEFAULT_L2_CACHE_MAX));
         let tables = (want / cs).max(4) as usize;
-        let file_may_have_holes = match storage.allocated_bytes()? {
-            Some(a) => a < meta.file_len,
-            None => false,
-        };
+        let file_may_have_holes = prealloc::detect_metadata_preallocation(&meta, storage.as_ref());
         let writer = if opts.writable {
             Some(writestate::Writer::open(&meta, storage.as_ref())?)
         } else {
@@ -161,13 +159,9 @@ impl BlockDevice for Qcow2 {
         crate::device::check_range(offset, len, self.size())?;
         let (run, n) = self.lookup_run(offset, len)?;
         let mut st = run.status(n);
-        if st.kind == StatusKind::Data
-            && !st.compressed
-            && self.file_may_have_holes
-            && self.data_file.is_none()
-        {
+        if st.kind == StatusKind::Data && !st.compressed && self.file_may_have_holes {
             if let Some(host) = st.offset {
-                match self.storage.extent_at(host, st.len)? {
+                match self.data_storage().extent_at(host, st.len)? {
                     crate::storage::Extent::Hole(h) => {
                         st.len = h.clamp(1, st.len);
                         st.file_zero = true;

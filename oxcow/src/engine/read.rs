@@ -14,7 +14,7 @@ impl Qcow2 {
             let (run, n) = self.lookup_run(pos, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + n as usize];
             match run {
-                Run::Unallocated => self.read_backing(chunk, pos)?,
+                Run::Unallocated { .. } => self.read_backing(chunk, pos)?,
                 Run::Zero { .. } => chunk.fill(0),
                 Run::Data { host } => self.data_storage().read_at(chunk, host)?,
                 Run::Compressed(d) => self.read_compressed(chunk, pos, d)?,

@@ -223,7 +223,7 @@ impl Qcow2 {
         if h.has_extended_l2() {
             L2Entry::decode_extended(word, bitmap, h.cluster_bits)
         } else {
-            L2Entry::decode(word, h.cluster_bits, h.data_file_raw())
+            L2Entry::decode(word, h.cluster_bits, h.has_data_file())
         }
     }
 
@@ -424,7 +424,8 @@ impl Qcow2 {
         drop(st);
         if run_len >= n
             && (matches!(run, super::mapping::Run::Zero { .. })
-                || (run == super::mapping::Run::Unallocated && self.backing.is_none()))
+                || (matches!(run, super::mapping::Run::Unallocated { .. })
+                    && self.backing.is_none()))
         {
             return Ok(());
         }

@@ -42,10 +42,11 @@ pub enum L2Entry {
 }
 
 impl L2Entry {
-    /// Decodes a standard L2 entry. `raw_data_file` is true for images whose external
-    /// data file is raw: there guest and host offsets agree, and an entry with offset 0
-    /// and the COPIED flag maps host cluster 0.
-    pub fn decode(entry: u64, cluster_bits: u32, raw_data_file: bool) -> L2Entry {
+    /// Decodes a standard L2 entry. `data_file` is true for images with an external
+    /// data file: there host offset 0 is a real cluster, and QEMU tells an entry with
+    /// offset 0 and the COPIED flag (data file clusters always have refcount 1) from an
+    /// unallocated one.
+    pub fn decode(entry: u64, cluster_bits: u32, data_file: bool) -> L2Entry {
         // The compressed flag decides first: a compressed descriptor's low bits are
         // part of its offset, not a zero flag.
         if entry & COMPRESSED != 0 {
@@ -57,7 +58,7 @@ impl L2Entry {
                 host: (host != 0).then_some(host),
             };
         }
-        if host == 0 && !(raw_data_file && entry & COPIED != 0) {
+        if host == 0 && !(data_file && entry & COPIED != 0) {
             return L2Entry::Unallocated;
         }
         L2Entry::Normal {
@@ -116,7 +117,7 @@ mod tests {
     }
 
     #[test]
-    fn raw_data_file_maps_cluster_zero() {
+    fn data_file_maps_cluster_zero() {
         assert_eq!(L2Entry::decode(COPIED, 16, false), L2Entry::Unallocated);
         assert_eq!(
             L2Entry::decode(COPIED, 16, true),
