@@ -25,7 +25,11 @@ impl Ctx {
 
 /// Opens `filename` read-only with an optional `-f` format, turning library errors into
 /// the message qemu-img prints: "Could not open 'NAME': REASON".
-pub fn open_image(filename: &str, format: Option<&str>, opts: &OpenOptions) -> Result<Image, String> {
+pub fn open_image(
+    filename: &str,
+    format: Option<&str>,
+    opts: &OpenOptions,
+) -> Result<Image, String> {
     let mut opts = opts.clone();
     if let Some(f) = format {
         opts.format = Some(Format::from_name(f).map_err(|e| e.to_string())?);
@@ -36,7 +40,9 @@ pub fn open_image(filename: &str, format: Option<&str>, opts: &OpenOptions) -> R
 /// qemu-img names the file that failed, then the reason.
 pub fn open_error_message(filename: &str, e: &oxcow::Error) -> String {
     match e {
-        oxcow::Error::Open { source, .. } => format!("Could not open '{filename}': {}", io_reason(source)),
+        oxcow::Error::Open { source, .. } => {
+            format!("Could not open '{filename}': {}", io_reason(source))
+        }
         other => format!("Could not open '{filename}': {other}"),
     }
 }

@@ -24,7 +24,11 @@ fn fmt_g3(v: f64) -> String {
         format!("{:.2}", v)
     };
     // %g strips trailing zeros and a trailing point.
-    let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
     // Rounding can carry into a fourth digit (999.5 -> "1000"); %g would then switch
     // to exponent form, which QEMU never reaches because the unit changes first.
     s

@@ -16,8 +16,14 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "oxcow".to_string());
-    let prog = if invoked == "qemu-img" { "qemu-img" } else { "oxcow" };
-    let ctx = Ctx { prog: prog.to_string() };
+    let prog = if invoked == "qemu-img" {
+        "qemu-img"
+    } else {
+        "oxcow"
+    };
+    let ctx = Ctx {
+        prog: prog.to_string(),
+    };
     let code = cmd::dispatch(&ctx, &args[1.min(args.len())..]);
     ExitCode::from(code)
 }

@@ -24,7 +24,12 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
             0
         }
         "-h" | "--help" => {
-            println!("{} version {} (oxcow)\nusage: {} [standard options] command [command options]", ctx.prog, env!("CARGO_PKG_VERSION"), ctx.prog);
+            println!(
+                "{} version {} (oxcow)\nusage: {} [standard options] command [command options]",
+                ctx.prog,
+                env!("CARGO_PKG_VERSION"),
+                ctx.prog
+            );
             println!("Command syntax: info, map, compare, convert, dd (as qemu-img)");
             0
         }

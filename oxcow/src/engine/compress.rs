@@ -122,6 +122,7 @@ impl Qcow2 {
     /// cluster when it fits (possibly running into the next host cluster when that is
     /// the next one allocated), in a new cluster otherwise.
     fn alloc_bytes(&self, st: &mut super::writestate::WriteState, len: u64) -> Result<u64> {
+        self.before_refcount_change(st)?;
         let cs = self.cluster_size();
         let io = self.storage.as_ref();
         let mut offset = st.free_byte_offset;

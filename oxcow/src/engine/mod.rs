@@ -11,6 +11,7 @@ mod prealloc;
 mod preallocate;
 mod read;
 pub mod refcounts;
+pub mod refscan;
 mod write;
 mod writestate;
 
@@ -102,6 +103,10 @@ impl Qcow2 {
             writer,
         };
         if q.writer.is_some() {
+            if q.meta.header.is_dirty() {
+                // Refcounts may be stale after a crash with lazy refcounts.
+                q.repair_refcounts()?;
+            }
             q.prepare_for_writing()?;
         }
         Ok(q)

@@ -95,6 +95,7 @@ impl Qcow2 {
 
     /// Allocates `n` contiguous host clusters and checks they overlap no metadata.
     pub(super) fn alloc_clusters(&self, st: &mut WriteState, n: u64) -> Result<u64> {
+        self.before_refcount_change(st)?;
         let cs = self.cluster_size();
         let off = st.refcounts.alloc(self.storage.as_ref(), n * cs)?;
         self.check_overlap(st, off, n * cs)?;
@@ -132,6 +133,33 @@ impl Qcow2 {
                 off,
             ));
         }
+        Ok(())
+    }
+
+    /// With lazy refcounts, refcount blocks may reach the disk later than the tables
+    /// that depend on them: the dirty bit goes to disk first, so that a crash leads
+    /// to a repair.
+    pub(super) fn before_refcount_change(&self, st: &mut WriteState) -> Result<()> {
+        if st.header.lazy_refcounts() && !st.header.is_dirty() {
+            self.set_dirty_bit(st, true)?;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears the dirty bit on disk (synchronously).
+    pub(super) fn set_dirty_bit(&self, st: &mut WriteState, on: bool) -> Result<()> {
+        if st.header.version < 3 {
+            return Ok(());
+        }
+        if on {
+            st.header.incompatible_features |= incompat::DIRTY;
+        } else {
+            st.header.incompatible_features &= !incompat::DIRTY;
+        }
+        let mut b = [0u8; 8];
+        crate::format::be::put_u64(&mut b, 0, st.header.incompatible_features);
+        self.storage.write_at(&b, 72)?;
+        self.storage.flush()?;
         Ok(())
     }
 
@@ -553,10 +581,12 @@ impl Qcow2 {
         if dirty.is_empty() {
             return Ok(());
         }
-        if st.refcounts.has_dirty_blocks() {
+        // Refcount blocks first (not needed while the dirty bit covers them with
+        // lazy refcounts); the sync also makes the data the tables point to durable.
+        let lazy = st.header.lazy_refcounts() && st.header.is_dirty();
+        if st.refcounts.has_dirty_blocks() && !lazy {
             st.refcounts.flush_blocks(self.storage.as_ref())?;
         }
-        // Also makes the data the tables point to durable.
         self.sync_data()?;
         let mut raw = vec![0u8; self.cluster_size() as usize];
         for (off, t) in dirty {
@@ -731,8 +761,14 @@ fn range_bits(s0: u32, s1: u32) -> u32 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if self.writer.is_some() {
-            let _ = self.flush();
+        if let Some(w) = &self.writer {
+            if self.flush().is_ok() {
+                // Everything is on disk: a lazy-refcounts image is clean again.
+                let mut st = w.state.lock();
+                if st.header.is_dirty() && !st.corrupt {
+                    let _ = self.set_dirty_bit(&mut st, false);
+                }
+            }
         }
     }
 }

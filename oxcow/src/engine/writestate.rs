@@ -47,11 +47,6 @@ impl Writer {
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));
         }
-        if h.is_dirty() {
-            return Err(Error::Unsupported(
-                "the image has the dirty bit set (lazy refcounts after a crash); oxcow cannot repair it yet, run 'qemu-img check -r all' first".into(),
-            ));
-        }
         if h.crypt_method != crate::format::header::CryptMethod::None {
             return Err(Error::Unsupported(
                 "Encrypted images are not supported yet by oxcow".into(),
