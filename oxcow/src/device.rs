@@ -58,6 +58,26 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn backing(&self) -> Option<&dyn BlockDevice>;
     /// The format's name as qemu-img prints it ("qcow2", "raw").
     fn format_name(&self) -> &'static str;
+    /// Writes `buf` at `offset`; the whole range must lie inside the device.
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(read_only())
+    }
+    /// Makes the range read as zeros; with `unmap`, whole clusters may be freed.
+    fn write_zeroes(&self, _offset: u64, _len: u64, _unmap: bool) -> Result<()> {
+        Err(read_only())
+    }
+    /// Tells the device the range's contents are no longer needed.
+    fn discard(&self, _offset: u64, _len: u64) -> Result<()> {
+        Err(read_only())
+    }
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn read_only() -> Error {
+    Error::Unsupported("the image is open read-only".into())
 }
 
 /// Checks that a request lies inside a device of `size` bytes.

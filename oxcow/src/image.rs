@@ -49,6 +49,8 @@ pub struct OpenOptions {
     pub l2_cache_bytes: Option<u64>,
     /// Deepest chain accepted.
     pub max_chain_depth: usize,
+    /// Open the image (not its backing files) for writing.
+    pub writable: bool,
 }
 
 impl Default for OpenOptions {
@@ -58,6 +60,7 @@ impl Default for OpenOptions {
             no_backing: false,
             l2_cache_bytes: None,
             max_chain_depth: MAX_CHAIN_DEPTH,
+            writable: false,
         }
     }
 }
@@ -94,8 +97,10 @@ impl Image {
                 opts.max_chain_depth
             )));
         }
+        // Only the image itself is opened for writing, never its backing files.
+        let writable = opts.writable && seen.is_empty();
         let path = Path::new(filename);
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, false).map_err(
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable).map_err(
             |source| Error::Open {
                 path: path.to_path_buf(),
                 source,
@@ -136,7 +141,7 @@ impl Image {
                         // QEMU opens a relative data file name from the current
                         // directory (not the image's), and so does oxcow.
                         let p = local_path(name, "data file")?;
-                        let s = FileStorage::open(Path::new(&p), false).map_err(|source| {
+                        let s = FileStorage::open(Path::new(&p), writable).map_err(|source| {
                             Error::Open {
                                 path: PathBuf::from(&p),
                                 source,
@@ -176,6 +181,7 @@ impl Image {
                 };
                 let engine = EngineOptions {
                     l2_cache_bytes: opts.l2_cache_bytes,
+                    writable,
                 };
                 let q = Arc::new(Qcow2::open(
                     meta,
@@ -247,6 +253,18 @@ impl BlockDevice for Image {
     }
     fn format_name(&self) -> &'static str {
         self.format.name()
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.dev.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        self.dev.write_zeroes(offset, len, unmap)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.dev.discard(offset, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.dev.flush()
     }
 }
 

@@ -56,4 +56,39 @@ impl BlockDevice for RawImage {
     fn format_name(&self) -> &'static str {
         "raw"
     }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        Ok(self.storage.write_at(buf, offset)?)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        if unmap {
+            self.storage.punch_hole(offset, len)?;
+            // Where holes cannot be punched, the bytes must still become zeros.
+            if let crate::storage::Extent::Hole(n) = self.storage.extent_at(offset, len)? {
+                if n >= len {
+                    return Ok(());
+                }
+            }
+        }
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.storage.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size)?;
+        Ok(self.storage.punch_hole(offset, len)?)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(self.storage.flush()?)
+    }
 }

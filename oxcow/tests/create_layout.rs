@@ -2,7 +2,7 @@
 //! options, and pass `qemu-img check`.
 
 use oxcow::format::header::CompressionType;
-use oxcow::{create_qcow2, CreateOptions};
+use oxcow::{create_qcow2, CreateOptions, Preallocation};
 use std::path::Path;
 use std::process::Command;
 
@@ -182,6 +182,31 @@ fn cases() -> Vec<Case> {
             ..base(1 << 30)
         },
     });
+    for mode in ["metadata", "falloc", "full"] {
+        let p = Preallocation::from_name(mode).unwrap();
+        for (extra, cs, size, ext) in [
+            ("", 65536u64, 64u64 << 20, false),
+            (",cluster_size=4096", 4096, 32 << 20, false),
+            (",cluster_size=512", 512, 4 << 20, false),
+            (",extended_l2=on", 65536, 64 << 20, true),
+            ("", 65536, 1 << 30, false),
+        ] {
+            if mode == "full" && size > 64 << 20 {
+                continue;
+            }
+            v.push(Case {
+                size,
+                qemu: format!("preallocation={mode}{extra}"),
+                ours: CreateOptions {
+                    size,
+                    cluster_size: cs,
+                    extended_l2: ext,
+                    preallocation: p,
+                    ..Default::default()
+                },
+            });
+        }
+    }
     v
 }
 
@@ -206,19 +231,44 @@ fn create_matches_qemu_img_byte_for_byte() {
 #[test]
 fn data_file_is_created_sparse_with_the_virtual_size() {
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("x.qcow2");
-    let df = dir.path().join("x.data");
-    let opts = CreateOptions {
-        size: 64 << 20,
-        data_file: Some(df.to_string_lossy().into()),
-        ..Default::default()
-    };
-    create_qcow2(&img, &opts).unwrap();
-    assert_eq!(std::fs::metadata(&df).unwrap().len(), 64 << 20);
-    check_clean(&img);
-    let theirs = dir.path().join("q.qcow2");
-    qemu_create(&theirs, 64 << 20, &format!("data_file={}", df.display()));
-    assert_same_bytes(&theirs, &img, "data file");
+    for (i, (raw, prealloc)) in [
+        (false, "off"),
+        (true, "off"),
+        (true, "metadata"),
+        (false, "metadata"),
+        (false, "falloc"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("x{i}.qcow2"));
+        let df = dir.path().join(format!("x{i}.data"));
+        let opts = CreateOptions {
+            size: 64 << 20,
+            data_file: Some(df.to_string_lossy().into()),
+            data_file_raw: raw,
+            preallocation: Preallocation::from_name(prealloc).unwrap(),
+            ..Default::default()
+        };
+        create_qcow2(&img, &opts).unwrap();
+        assert_eq!(std::fs::metadata(&df).unwrap().len(), 64 << 20);
+        check_clean(&img);
+        let theirs = dir.path().join(format!("q{i}.qcow2"));
+        qemu_create(
+            &theirs,
+            64 << 20,
+            &format!(
+                "data_file={},data_file_raw={},preallocation={prealloc}",
+                df.display(),
+                if raw { "on" } else { "off" }
+            ),
+        );
+        assert_same_bytes(
+            &theirs,
+            &img,
+            &format!("data file raw={raw} preallocation={prealloc}"),
+        );
+    }
 }
 
 #[test]

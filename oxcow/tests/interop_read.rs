@@ -459,6 +459,47 @@ fn odd_sized_raw_backing() {
     }
 }
 
+/// Images without a backing format extension (as old QEMU versions wrote them): the
+/// backing file's format is probed, qcow2 or raw.
+#[test]
+fn backing_format_probed() {
+    let dir = tempdir();
+    let d = dir.path();
+    let mut rng = Rng::new(57);
+    let pats = pattern_files(d, &mut rng, 2);
+    make_raw(d, "base.raw", 6 * MIB, &mut rng);
+    create_qcow2(
+        d,
+        "mid.qcow2",
+        "backing_file=base.raw,backing_fmt=raw",
+        "8M",
+    );
+    create_qcow2(
+        d,
+        "top.qcow2",
+        "backing_file=mid.qcow2,backing_fmt=qcow2",
+        "8M",
+    );
+    for name in ["mid.qcow2", "top.qcow2"] {
+        let mut w = Workload::new(8 * MIB, 65536).ops(40);
+        qemu_io(d, name, &w.commands(&mut rng, &pats));
+        // Rename the backing format extension to an unknown one, which is ignored.
+        let p = d.join(name);
+        let mut at = read_be32(&p, 100) as u64;
+        while read_be32(&p, at) != 0xe279_2aca {
+            assert_ne!(read_be32(&p, at), 0, "no backing format extension");
+            at += 8 + (read_be32(&p, at + 4) as u64).div_ceil(8) * 8;
+        }
+        patch_be32(&p, at, 0x0bad_cafe);
+    }
+    let img = open(&d.join("top.qcow2"));
+    assert!(img.qcow2().unwrap().meta().backing_format.is_none());
+    let mid = img.backing_image().unwrap();
+    assert_eq!(mid.format_name(), "qcow2");
+    assert_eq!(mid.backing_image().unwrap().format_name(), "raw");
+    verify(d, "top.qcow2", 1);
+}
+
 /// Random workloads on both layers of a two-layer qcow2 chain, several seeds.
 #[test]
 fn random_workloads_over_backing() {

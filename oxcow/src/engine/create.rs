@@ -3,7 +3,9 @@
 //! cluster 2, and the L1 table allocated next (first fit), then the header rewritten
 //! whole with its extensions.
 
+use super::meta::ImageMeta;
 use super::refcounts::Refcounts;
+use super::{EngineOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::be::put_u64;
 use crate::format::cluster0::{self, HeaderExtras};
@@ -13,6 +15,7 @@ use crate::format::header::{
 };
 use crate::format::{MAX_BACKING_NAME, MAX_L1_BYTES};
 use crate::storage::Storage;
+use std::sync::Arc;
 
 /// How much of a new image is allocated up front.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -148,30 +151,43 @@ impl CreateOptions {
     }
 }
 
-/// Formats empty `io` as a qcow2 image. The external data file, when named, must be
-/// created by the caller.
+/// Formats empty `io` as a qcow2 image and preallocates as asked. `data_file` is the
+/// external data file the options name (created by the caller).
+pub fn create_on(
+    io: Arc<dyn Storage>,
+    data_file: Option<Arc<dyn Storage>>,
+    opts: &CreateOptions,
+) -> Result<()> {
+    format_qcow2(io.as_ref(), opts)?;
+    // A raw data file must be readable without the qcow2 metadata, so QEMU maps the
+    // whole disk up front for it.
+    let mode = if opts.data_file_raw && opts.preallocation == Preallocation::Off {
+        Preallocation::Metadata
+    } else {
+        opts.preallocation
+    };
+    if mode == Preallocation::Off {
+        return Ok(());
+    }
+    let meta = ImageMeta::load(io.as_ref())?;
+    let q = Qcow2::open(
+        meta,
+        io,
+        data_file,
+        None,
+        &EngineOptions {
+            l2_cache_bytes: None,
+            writable: true,
+        },
+    )?;
+    q.preallocate(mode, 0, opts.size)?;
+    q.flush()
+}
+
+/// Formats empty `io` as a qcow2 image without preallocation. The external data
+/// file, when named, must be created by the caller.
 pub fn format_qcow2(io: &dyn Storage, opts: &CreateOptions) -> Result<()> {
     opts.validate()?;
-    // A raw data file must be readable without the qcow2 metadata, so QEMU maps the
-    // whole disk up front (metadata preallocation) for it.
-    if opts.data_file_raw {
-        return Err(Error::Unsupported(
-            "data_file_raw=on needs metadata preallocation, which oxcow does not support yet"
-                .into(),
-        ));
-    }
-    if matches!(
-        opts.preallocation,
-        Preallocation::Falloc | Preallocation::Full | Preallocation::Metadata
-    ) {
-        return Err(Error::Unsupported(
-            format!(
-                "preallocation={:?} is not supported yet by oxcow",
-                opts.preallocation
-            )
-            .to_lowercase(),
-        ));
-    }
     let cs = opts.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let order = opts.refcount_bits.trailing_zeros();

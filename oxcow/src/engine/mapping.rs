@@ -67,7 +67,7 @@ impl Qcow2 {
         let l1_index = (offset / coverage) as usize;
         let table_end = (offset / coverage + 1) * coverage;
         let max = len.min(table_end - offset);
-        let Some(&l1_entry) = self.l1.get(l1_index) else {
+        let Some(l1_entry) = self.l1.read().get(l1_index).copied() else {
             return Ok((Run::Unallocated { host: None }, max));
         };
         let l2_offset = l1l2::l1_l2_offset(l1_entry);
@@ -141,8 +141,8 @@ impl Qcow2 {
                         d.offset,
                     ));
                 }
-                if d.offset.saturating_add(d.byte_len()) > self.meta.file_len.div_ceil(512) * 512
-                    || d.offset >= self.meta.file_len
+                if d.offset.saturating_add(d.byte_len()) > self.file_len().div_ceil(512) * 512
+                    || d.offset >= self.file_len()
                 {
                     return Err(corrupt(
                         format!(
@@ -207,7 +207,7 @@ impl Qcow2 {
                 host,
             ));
         }
-        if self.data_file.is_none() && host >= self.meta.file_len {
+        if self.data_file.is_none() && host >= self.file_len() {
             return Err(corrupt(
                 format!("Data cluster at {host:#x} lies past the end of the file"),
                 host,
@@ -222,7 +222,7 @@ impl Qcow2 {
             return Ok(t);
         }
         let cs = self.meta.header.cluster_size();
-        if offset.saturating_add(cs) > self.meta.file_len {
+        if offset.saturating_add(cs) > self.file_len() {
             return Err(Error::corrupt(
                 format!("L2 table at {offset:#x} lies past the end of the file"),
                 offset,
@@ -230,8 +230,8 @@ impl Qcow2 {
         }
         let mut raw = vec![0u8; cs as usize];
         self.storage.read_at(&mut raw, offset)?;
-        let table: L2Table = Arc::from(u64_table(&raw));
-        self.l2_cache.insert(offset, table.clone());
-        Ok(table)
+        Ok(self
+            .l2_cache
+            .insert_clean(offset, Arc::new(u64_table(&raw))))
     }
 }

@@ -25,6 +25,8 @@ pub struct ImageMeta {
     pub bitmaps_ext: Option<BitmapsExt>,
     pub crypto_header: Option<CryptoHeaderExt>,
     pub snapshots: Vec<SnapshotEntry>,
+    /// Bytes the snapshot table takes in the file.
+    pub snapshots_len: u64,
     pub bitmaps: Vec<BitmapEntry>,
     pub file_len: u64,
 }
@@ -65,6 +67,7 @@ impl ImageMeta {
             bitmaps_ext: None,
             crypto_header: None,
             snapshots: Vec::new(),
+            snapshots_len: 0,
             bitmaps: Vec::new(),
             file_len,
         };
@@ -115,7 +118,7 @@ impl ImageMeta {
                 h.l1_table_offset,
             ));
         }
-        meta.snapshots = load_snapshots(storage, &meta.header, file_len)?;
+        (meta.snapshots, meta.snapshots_len) = load_snapshots(storage, &meta.header, file_len)?;
         if meta.header.autoclear_features & autoclear::BITMAPS != 0 {
             if let Some(b) = meta.bitmaps_ext {
                 meta.bitmaps = load_bitmaps(storage, &meta.header, &b, file_len)?;
@@ -151,9 +154,13 @@ impl ImageMeta {
     }
 }
 
-fn load_snapshots(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Vec<SnapshotEntry>> {
+fn load_snapshots(
+    storage: &dyn Storage,
+    h: &Header,
+    file_len: u64,
+) -> Result<(Vec<SnapshotEntry>, u64)> {
     if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     }
     if h.snapshots_offset >= file_len {
         return Err(Error::corrupt(
@@ -165,7 +172,7 @@ fn load_snapshots(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Ve
     let len = (file_len - h.snapshots_offset).min(MAX_SNAPSHOT_TABLE_BYTES) as usize;
     let mut buf = vec![0u8; len];
     storage.read_at(&mut buf, h.snapshots_offset)?;
-    let snaps = SnapshotEntry::parse_table(&buf, h.nb_snapshots)?;
+    let (snaps, table_len) = SnapshotEntry::parse_table_with_len(&buf, h.nb_snapshots)?;
     for s in &snaps {
         if s.l1_size as u64 * 8 > MAX_L1_BYTES {
             return Err(Error::header(
@@ -186,7 +193,7 @@ fn load_snapshots(storage: &dyn Storage, h: &Header, file_len: u64) -> Result<Ve
             ));
         }
     }
-    Ok(snaps)
+    Ok((snaps, table_len as u64))
 }
 
 fn load_bitmaps(

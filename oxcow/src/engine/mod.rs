@@ -1,14 +1,19 @@
 //! The qcow2 runtime: guest-to-host mapping, the L2 cache, reading through compressed
 //! clusters, subclusters, external data files and backing chains.
 
+pub mod compress;
 pub mod create;
 pub mod decompress;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
 mod prealloc;
+mod preallocate;
 mod read;
 pub mod refcounts;
+pub mod refscan;
+mod write;
+mod writestate;
 
 use crate::device::{BlockDevice, LayerStatus, StatusKind};
 use crate::error::{Error, Result};
@@ -16,6 +21,8 @@ use crate::format::be::u64_table;
 use crate::storage::Storage;
 use l2cache::L2Cache;
 use meta::ImageMeta;
+use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Options for the qcow2 runtime.
@@ -24,6 +31,8 @@ pub struct EngineOptions {
     /// Bytes of decoded L2 tables to keep in memory; `None` picks enough to cover the
     /// whole disk, up to 32 MiB (QEMU's default policy).
     pub l2_cache_bytes: Option<u64>,
+    /// Open for writing.
+    pub writable: bool,
 }
 
 /// Default upper bound for the L2 cache.
@@ -37,11 +46,18 @@ pub struct Qcow2 {
     /// The external data file, when the image has one; guest data lives there.
     data_file: Option<Arc<dyn Storage>>,
     backing: Option<Arc<dyn BlockDevice>>,
-    l1: Vec<u64>,
+    /// The active L1 table; changed only under the writer's lock.
+    l1: RwLock<Vec<u64>>,
     l2_cache: L2Cache,
     /// Whether some allocated clusters may be holes in the file, so block status
     /// must ask the file (images with preallocation=metadata, detected as QEMU does).
     file_may_have_holes: bool,
+    /// The virtual size (changes with resize).
+    size: AtomicU64,
+    /// The end of the image file, as far as allocations reach.
+    file_len: AtomicU64,
+    /// The write side; `None` for read-only images.
+    writer: Option<writestate::Writer>,
 }
 
 impl Qcow2 {
@@ -70,15 +86,40 @@ impl Qcow2 {
             .unwrap_or_else(|| (l1.len() as u64 * cs).min(DEFAULT_L2_CACHE_MAX));
         let tables = (want / cs).max(4) as usize;
         let file_may_have_holes = prealloc::detect_metadata_preallocation(&meta, storage.as_ref());
-        Ok(Qcow2 {
+        let writer = if opts.writable {
+            Some(writestate::Writer::open(&meta, storage.as_ref())?)
+        } else {
+            None
+        };
+        let q = Qcow2 {
             l2_cache: L2Cache::new(tables),
+            size: AtomicU64::new(meta.header.size),
+            file_len: AtomicU64::new(meta.file_len),
             meta,
             storage,
             data_file,
             backing,
-            l1,
+            l1: RwLock::new(l1),
             file_may_have_holes,
-        })
+            writer,
+        };
+        if q.writer.is_some() {
+            if q.meta.header.is_dirty() {
+                // Refcounts may be stale after a crash with lazy refcounts.
+                q.repair_refcounts()?;
+            }
+            q.prepare_for_writing()?;
+        }
+        Ok(q)
+    }
+
+    /// The end of the image file as the engine knows it.
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writer.is_some()
     }
 
     pub fn meta(&self) -> &ImageMeta {
@@ -112,7 +153,7 @@ impl Qcow2 {
 
 impl BlockDevice for Qcow2 {
     fn size(&self) -> u64 {
-        self.meta.header.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -140,6 +181,22 @@ impl BlockDevice for Qcow2 {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Qcow2::write_at(self, buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        Qcow2::write_zeroes(self, offset, len, unmap)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        Qcow2::discard(self, offset, len)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Qcow2::flush(self)
     }
 
     fn format_name(&self) -> &'static str {

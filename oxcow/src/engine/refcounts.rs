@@ -161,6 +161,58 @@ impl Refcounts {
         Ok(refcount::get(&b.data, order, i))
     }
 
+    /// Host clusters the current refcount blocks can describe (blocks that exist).
+    pub fn is_covered(&self, index: u64) -> bool {
+        let t = (index >> self.block_bits()) as usize;
+        self.table
+            .get(t)
+            .is_some_and(|e| e & REFTABLE_OFFSET_MASK != 0)
+    }
+
+    /// The ranges of host clusters that existing refcount blocks describe.
+    pub fn covered_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let bits = self.block_bits();
+        self.table
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| *e & REFTABLE_OFFSET_MASK != 0)
+            .map(|(i, _)| ((i as u64) << bits)..((i as u64 + 1) << bits))
+            .collect()
+    }
+
+    /// Sets the refcount of host cluster `index`, whose refcount block must exist.
+    pub fn set(&mut self, io: &dyn Storage, index: u64, value: u64) -> Result<()> {
+        let t = (index >> self.block_bits()) as usize;
+        let off = self
+            .table
+            .get(t)
+            .map(|e| e & REFTABLE_OFFSET_MASK)
+            .unwrap_or(0);
+        if off == 0 {
+            return Err(Error::corrupt(
+                format!("no refcount block covers cluster {index}"),
+                index << self.cluster_bits,
+            ));
+        }
+        if value > refcount::max_value(self.order) {
+            return Err(Error::corrupt(
+                format!("cluster {index} has {value} references, more than a refcount can hold"),
+                index << self.cluster_bits,
+            ));
+        }
+        let order = self.order;
+        let i = (index & (self.entries_per_block() - 1)) as usize;
+        let b = self.load_block(io, off)?;
+        if refcount::get(&b.data, order, i) != value {
+            refcount::set(&mut b.data, order, i, value);
+            b.dirty = true;
+        }
+        if value == 0 && index < self.free_cluster_index {
+            self.free_cluster_index = index;
+        }
+        Ok(())
+    }
+
     /// Writes every dirty refcount block.
     pub fn flush_blocks(&mut self, io: &dyn Storage) -> Result<()> {
         let mut dirty: Vec<u64> = self
@@ -203,6 +255,11 @@ impl Refcounts {
             ));
         }
         Ok(start << self.cluster_bits)
+    }
+
+    /// The lowest free cluster, without taking it (the caller updates its refcount).
+    pub fn find_free_cluster(&mut self, io: &dyn Storage) -> Result<u64> {
+        self.find_free(io, 1)
     }
 
     /// Allocates `size` bytes of contiguous clusters and returns their offset.

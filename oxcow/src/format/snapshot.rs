@@ -73,6 +73,11 @@ impl SnapshotEntry {
 
     /// Parses a whole snapshot table of `count` entries.
     pub fn parse_table(buf: &[u8], count: u32) -> Result<Vec<SnapshotEntry>> {
+        Ok(Self::parse_table_with_len(buf, count)?.0)
+    }
+
+    /// Parses a whole snapshot table; also returns its length in bytes.
+    pub fn parse_table_with_len(buf: &[u8], count: u32) -> Result<(Vec<SnapshotEntry>, usize)> {
         let mut out = Vec::with_capacity(count.min(1024) as usize);
         let mut at = 0usize;
         for _ in 0..count {
@@ -80,7 +85,7 @@ impl SnapshotEntry {
             out.push(e);
             at += len;
         }
-        Ok(out)
+        Ok((out, at))
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -3,9 +3,11 @@
 
 mod file;
 mod memory;
+mod recording;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use recording::{Op, RecordingStorage};
 
 use std::io;
 
@@ -34,6 +36,19 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn len(&self) -> io::Result<u64>;
     /// Truncates or extends (with zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Extends the storage to `offset + len`, reserving the new range on disk
+    /// (`zero_fill` writes zeros instead, as preallocation=full does).
+    fn preallocate(&self, offset: u64, len: u64, zero_fill: bool) -> io::Result<()> {
+        let _ = zero_fill;
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
     /// Deallocates a range so it reads as zeros; a no-op where unsupported.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Bytes the storage really occupies (a file's allocated blocks), if known.

@@ -1,0 +1,169 @@
+//! Writing compressed clusters: compressing a cluster (deflate or zstd, as QEMU
+//! writes them) and packing compressed clusters one after another in host clusters,
+//! each touched host cluster counting one reference per compressed cluster in it.
+
+use super::Qcow2;
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+use crate::format::compressed::CompressedDescriptor;
+use crate::format::header::CompressionType;
+use crate::format::l1l2::L2Entry;
+
+/// Compresses one cluster. `None` when the result would not be smaller than the
+/// cluster (such clusters are written uncompressed, as QEMU does).
+pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
+    let limit = data.len().saturating_sub(1);
+    let out = match kind {
+        CompressionType::Zlib => {
+            // Raw deflate with a 4 KiB window: QEMU inflates with a 4 KiB window, so
+            // a stream that reaches further back would not read in QEMU.
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            let status = c
+                .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
+                .map_err(|e| Error::Unsupported(format!("deflate failed: {e}")))?;
+            if status != flate2::Status::StreamEnd {
+                return Ok(None);
+            }
+            out
+        }
+        CompressionType::Zstd => zstd::bulk::compress(data, zstd::DEFAULT_COMPRESSION_LEVEL)
+            .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?,
+    };
+    Ok((out.len() <= limit).then_some(out))
+}
+
+impl Qcow2 {
+    /// Writes one whole guest cluster compressed. The cluster must not hold data yet
+    /// (as in QEMU, compression never overwrites an allocated cluster). Data that does
+    /// not compress is written as a normal cluster.
+    pub fn write_compressed(&self, data: &[u8], offset: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let size = self.size();
+        // A whole cluster, or the partial last cluster of a disk whose size is not a
+        // multiple of the cluster size (padded with zeros).
+        if data.len() as u64 != cs && offset + data.len() as u64 != size || data.len() as u64 > cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed writes take whole clusters ({} bytes at {offset:#x})",
+                data.len()
+            )));
+        }
+        let mut padded = Vec::new();
+        let whole = if data.len() as u64 == cs {
+            data
+        } else {
+            padded.resize(cs as usize, 0);
+            padded[..data.len()].copy_from_slice(data);
+            &padded[..]
+        };
+        let kind = self.meta.header.compression_type;
+        match compress_cluster(kind, whole)? {
+            Some(c) => self.write_compressed_prepared(&c, offset),
+            None => self.write_at(data, offset),
+        }
+    }
+
+    /// Stores `compressed` (the output of [`compress_cluster`] for this image's
+    /// compression type) as the guest cluster at `offset`. Calls in guest order give
+    /// the same file whatever thread compressed the data.
+    pub fn write_compressed_prepared(&self, compressed: &[u8], offset: u64) -> Result<()> {
+        let w = self.writer()?;
+        let cs = self.cluster_size();
+        if !offset.is_multiple_of(cs) || offset >= self.size() {
+            return Err(Error::InvalidArgument(format!("compressed writes need a whole cluster; offset {offset:#x} is not a cluster start inside the disk")));
+        }
+        if self.data_file.is_some() {
+            return Err(Error::Unsupported(
+                "Compression is not supported with an external data file".into(),
+            ));
+        }
+        let len = compressed.len() as u64;
+        let max = (CompressedDescriptor::max_sectors(self.meta.header.cluster_bits) + 1) * 512;
+        if len == 0 || len >= cs || len > max - 511 {
+            return Err(Error::InvalidArgument(format!(
+                "compressed cluster of {len} bytes does not fit a descriptor"
+            )));
+        }
+        let gidx = offset / cs;
+        let mut st = self.lock_cluster(w, gidx)?;
+        let l2 = self.l2_for_write(&mut st, offset)?;
+        let (word, bitmap) = self.l2_words(l2, offset)?;
+        let old = self.decode(word, bitmap);
+        match old {
+            L2Entry::Unallocated | L2Entry::Zero { host: None } => {}
+            L2Entry::Extended { host: 0, .. } => {}
+            _ => {
+                return Err(Error::Unsupported(
+                    "Compression can't overwrite an allocated cluster".into(),
+                ))
+            }
+        }
+        let host = self.alloc_bytes(&mut st, len)?;
+        st.inflight.insert(gidx);
+        drop(st);
+        let res = self.storage.write_at(compressed, host);
+        let mut st = w.state.lock();
+        let res = res.map_err(Error::from).and_then(|_| {
+            let d = CompressedDescriptor::for_range(host, len);
+            let l2 = self.l2_for_write(&mut st, offset)?;
+            self.set_l2_words(l2, offset, d.encode(self.meta.header.cluster_bits), 0)
+        });
+        if res.is_err() {
+            st.pending_frees.push((host, len, false));
+        }
+        self.finish_inflight(w, &mut st, gidx);
+        res?;
+        drop(st);
+        self.writeback_if_needed(w)
+    }
+
+    /// Allocates `len` bytes for compressed data: right after the previous compressed
+    /// cluster when it fits (possibly running into the next host cluster when that is
+    /// the next one allocated), in a new cluster otherwise.
+    fn alloc_bytes(&self, st: &mut super::writestate::WriteState, len: u64) -> Result<u64> {
+        self.before_refcount_change(st)?;
+        let cs = self.cluster_size();
+        let io = self.storage.as_ref();
+        let mut offset = st.free_byte_offset;
+        if offset != 0
+            && st.refcounts.get(io, offset / cs)?
+                == crate::format::refcount::max_value(st.header.refcount_order)
+        {
+            offset = 0;
+        }
+        let mut free_in_cluster = cs - offset % cs;
+        loop {
+            if offset == 0 || free_in_cluster < len {
+                let new = st.refcounts.find_free_cluster(io)?;
+                if offset == 0 || offset.div_ceil(cs) * cs != new {
+                    offset = new;
+                    free_in_cluster = cs;
+                } else {
+                    free_in_cluster += cs;
+                }
+            }
+            match st.refcounts.update(io, offset, len, 1, false) {
+                Ok(()) => break,
+                Err(super::refcounts::Stop::Again) => {
+                    offset = 0;
+                    continue;
+                }
+                Err(super::refcounts::Stop::Failed(e)) => return Err(e),
+            }
+        }
+        self.check_overlap(
+            st,
+            offset & !(cs - 1),
+            (offset % cs + len).div_ceil(cs) * cs,
+        )?;
+        self.file_len
+            .fetch_max(offset + len, std::sync::atomic::Ordering::AcqRel);
+        st.free_byte_offset = if (offset + len).is_multiple_of(cs) {
+            0
+        } else {
+            offset + len
+        };
+        Ok(offset)
+    }
+}

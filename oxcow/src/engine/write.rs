@@ -1,0 +1,774 @@
+//! The write path: allocation, copy-on-write, subclusters, zeroing, discard, flush
+//! and resize.
+//!
+//! Ordering rules that keep every crash state consistent (see ARCHITECTURE.md):
+//! guest data is written before the L2 entry that points to it changes; refcount
+//! blocks reach the disk (and a flush) before the L2 tables that depend on them; L2
+//! tables before the L1 entries that point to them; and a dropped reference reaches
+//! the disk before its refcount is decreased (frees wait in `pending_frees` until a
+//! flush has written the tables that dropped them).
+
+use super::l2cache::L2Table;
+use super::writestate::{WriteState, Writer};
+use super::Qcow2;
+use crate::device::check_range;
+use crate::error::{Error, Result};
+use crate::format::cluster0;
+use crate::format::header::{autoclear, incompat};
+use crate::format::l1l2::{self, L2Entry, COPIED, SUBCLUSTERS, ZERO};
+use crate::format::OFFSET_MASK;
+use parking_lot::MutexGuard;
+use std::sync::atomic::Ordering;
+
+/// All zero bits set, no allocation bits: an extended L2 bitmap reading as zeros.
+const BITMAP_ALL_ZEROES: u64 = 0xffff_ffff << 32;
+
+/// A (sub)cluster-aligned slice of one guest cluster.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    /// Guest offset of the cluster.
+    cluster: u64,
+    /// Byte range inside the cluster.
+    start: u64,
+    end: u64,
+}
+
+impl Qcow2 {
+    pub(super) fn writer(&self) -> Result<&Writer> {
+        self.writer
+            .as_ref()
+            .ok_or_else(|| Error::Unsupported("the image is open read-only".into()))
+    }
+
+    /// Called once at a read-write open: clears the autoclear bits of features oxcow
+    /// does not keep up to date (persistent bitmaps, unknown ones), so that other
+    /// programs know their data may be stale.
+    pub(crate) fn prepare_for_writing(&self) -> Result<()> {
+        let w = self.writer()?;
+        let mut st = w.state.lock();
+        let keep = if self.data_file.is_some() {
+            autoclear::DATA_FILE_RAW
+        } else {
+            0
+        };
+        if st.header.autoclear_features & !keep != 0 {
+            st.header.autoclear_features &= keep;
+            self.write_header(&mut st)?;
+            self.storage.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites cluster 0 from the writer's header and extensions.
+    fn write_header(&self, st: &mut WriteState) -> Result<()> {
+        st.header.refcount_table_offset = st.refcounts.table_offset();
+        st.header.refcount_table_clusters = st.refcounts.table_clusters();
+        st.header.size = self.size.load(Ordering::Acquire);
+        let c0 = cluster0::encode(&mut st.header, &st.extras)?;
+        self.storage.write_at(&c0, 0)?;
+        Ok(())
+    }
+
+    /// Locks the writer state once no allocation of guest cluster `cluster` is under
+    /// way.
+    pub(super) fn lock_cluster<'a>(
+        &'a self,
+        w: &'a Writer,
+        cluster: u64,
+    ) -> Result<MutexGuard<'a, WriteState>> {
+        let mut st = w.state.lock();
+        while st.inflight.contains(&cluster) {
+            w.done.wait(&mut st);
+        }
+        if st.corrupt {
+            return Err(Error::Unsupported(
+                "the image was marked corrupt; writes are stopped".into(),
+            ));
+        }
+        Ok(st)
+    }
+
+    pub(super) fn finish_inflight(&self, w: &Writer, st: &mut WriteState, cluster: u64) {
+        st.inflight.remove(&cluster);
+        w.done.notify_all();
+    }
+
+    /// Allocates `n` contiguous host clusters and checks they overlap no metadata.
+    pub(super) fn alloc_clusters(&self, st: &mut WriteState, n: u64) -> Result<u64> {
+        self.before_refcount_change(st)?;
+        let cs = self.cluster_size();
+        let off = st.refcounts.alloc(self.storage.as_ref(), n * cs)?;
+        self.check_overlap(st, off, n * cs)?;
+        self.file_len.fetch_max(off + n * cs, Ordering::AcqRel);
+        Ok(off)
+    }
+
+    /// Refuses (and marks the image corrupt) when a freshly allocated range covers
+    /// the header, the L1 table or the refcount table: refcounts that say such
+    /// clusters are free are wrong, and writing there would destroy metadata.
+    pub(super) fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let h = &st.header;
+        let overlaps = |start: u64, l: u64| l > 0 && off < start + l && start < off + len;
+        let what = if off < cs {
+            Some("the header")
+        } else if overlaps(h.l1_table_offset, (h.l1_size as u64 * 8).div_ceil(cs) * cs) {
+            Some("the active L1 table")
+        } else if overlaps(
+            st.refcounts.table_offset(),
+            st.refcounts.table_clusters() as u64 * cs,
+        ) {
+            Some("the refcount table")
+        } else if overlaps(h.snapshots_offset, if h.nb_snapshots > 0 { cs } else { 0 }) {
+            Some("the snapshot table")
+        } else {
+            None
+        };
+        if let Some(what) = what {
+            self.mark_corrupt(st)?;
+            return Err(Error::corrupt(
+                format!(
+                    "allocation at {off:#x} would overwrite {what}; the image is marked corrupt"
+                ),
+                off,
+            ));
+        }
+        Ok(())
+    }
+
+    /// With lazy refcounts, refcount blocks may reach the disk later than the tables
+    /// that depend on them: the dirty bit goes to disk first, so that a crash leads
+    /// to a repair.
+    pub(super) fn before_refcount_change(&self, st: &mut WriteState) -> Result<()> {
+        if st.header.lazy_refcounts() && !st.header.is_dirty() {
+            self.set_dirty_bit(st, true)?;
+        }
+        Ok(())
+    }
+
+    /// Sets or clears the dirty bit on disk (synchronously).
+    pub(super) fn set_dirty_bit(&self, st: &mut WriteState, on: bool) -> Result<()> {
+        if st.header.version < 3 {
+            return Ok(());
+        }
+        if on {
+            st.header.incompatible_features |= incompat::DIRTY;
+        } else {
+            st.header.incompatible_features &= !incompat::DIRTY;
+        }
+        let mut b = [0u8; 8];
+        crate::format::be::put_u64(&mut b, 0, st.header.incompatible_features);
+        self.storage.write_at(&b, 72)?;
+        self.storage.flush()?;
+        Ok(())
+    }
+
+    fn mark_corrupt(&self, st: &mut WriteState) -> Result<()> {
+        st.corrupt = true;
+        st.header.incompatible_features |= incompat::CORRUPT;
+        let mut b = [0u8; 8];
+        crate::format::be::put_u64(&mut b, 0, st.header.incompatible_features);
+        if st.header.version >= 3 {
+            self.storage.write_at(&b, 72)?;
+            self.storage.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The L2 table (host offset) that maps guest `guest`, ready to be changed: a new
+    /// one when there is none, a private copy when it is shared with a snapshot.
+    pub(super) fn l2_for_write(&self, st: &mut WriteState, guest: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        let l1_index = (guest / self.meta.header.l2_coverage()) as usize;
+        let entry = self
+            .l1
+            .read()
+            .get(l1_index)
+            .copied()
+            .ok_or_else(|| Error::OutOfRange {
+                offset: guest,
+                len: 1,
+                size: self.size.load(Ordering::Acquire),
+            })?;
+        let old = l1l2::l1_l2_offset(entry);
+        if old != 0 && entry & COPIED != 0 {
+            self.l2_table(old)?;
+            return Ok(old);
+        }
+        let new = self.alloc_clusters(st, 1)?;
+        let table = if old != 0 {
+            let t = self.l2_table(old)?;
+            st.pending_frees.push((old, cs, false));
+            t.as_ref().clone()
+        } else {
+            vec![0u64; (cs / 8) as usize]
+        };
+        self.l2_cache.insert_dirty(new, table);
+        self.l1.write()[l1_index] = new | COPIED;
+        st.l1_dirty = true;
+        Ok(new)
+    }
+
+    /// The raw words (entry, bitmap) of guest cluster `guest` in table `l2`.
+    pub(super) fn l2_words(&self, l2: u64, guest: u64) -> Result<(u64, u64)> {
+        let t = self.l2_table(l2)?;
+        Ok(self.words_in(&t, guest))
+    }
+
+    fn words_in(&self, t: &L2Table, guest: u64) -> (u64, u64) {
+        let h = &self.meta.header;
+        let i = ((guest % h.l2_coverage()) / h.cluster_size()) as usize;
+        if h.has_extended_l2() {
+            (t[2 * i], t[2 * i + 1])
+        } else {
+            (t[i], 0)
+        }
+    }
+
+    pub(super) fn set_l2_words(&self, l2: u64, guest: u64, word: u64, bitmap: u64) -> Result<()> {
+        let h = &self.meta.header;
+        let i = ((guest % h.l2_coverage()) / h.cluster_size()) as usize;
+        let ext = h.has_extended_l2();
+        loop {
+            let done = self.l2_cache.modify(l2, |t| {
+                if ext {
+                    t[2 * i] = word;
+                    t[2 * i + 1] = bitmap;
+                } else {
+                    t[i] = word;
+                }
+            });
+            if done {
+                return Ok(());
+            }
+            // Evicted while clean: read it again, then change it.
+            self.l2_table(l2)?;
+        }
+    }
+
+    pub(super) fn decode(&self, word: u64, bitmap: u64) -> L2Entry {
+        let h = &self.meta.header;
+        if h.has_extended_l2() {
+            L2Entry::decode_extended(word, bitmap, h.cluster_bits)
+        } else {
+            L2Entry::decode(word, h.cluster_bits, h.has_data_file())
+        }
+    }
+
+    /// Drops a reference held by an L2 entry (after the entry has changed in memory).
+    fn release(&self, st: &mut WriteState, old: L2Entry, punch: bool) {
+        let cs = self.cluster_size();
+        match old {
+            L2Entry::Compressed(d) => {
+                st.pending_frees
+                    .push((d.offset & !511, (d.sectors + 1) * 512, punch))
+            }
+            _ if self.data_file.is_some() => {}
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host) } => {
+                st.pending_frees.push((host, cs, punch))
+            }
+            L2Entry::Extended { host, .. } if host != 0 => st.pending_frees.push((host, cs, punch)),
+            _ => {}
+        }
+    }
+
+    /// Writes `buf` at guest `offset`.
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let w = self.writer()?;
+        check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
+        let cs = self.cluster_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let cluster = pos - pos % cs;
+            let n = ((cluster + cs - pos) as usize).min(buf.len() - done);
+            let piece = Piece {
+                cluster,
+                start: pos - cluster,
+                end: pos - cluster + n as u64,
+            };
+            self.write_piece(w, piece, &buf[done..done + n])?;
+            done += n;
+        }
+        self.writeback_if_needed(w)
+    }
+
+    fn write_piece(&self, w: &Writer, p: Piece, data: &[u8]) -> Result<()> {
+        let cs = self.cluster_size();
+        let h = &self.meta.header;
+        let ext = h.has_extended_l2();
+        let gidx = p.cluster / cs;
+        let mut st = self.lock_cluster(w, gidx)?;
+        let l2 = self.l2_for_write(&mut st, p.cluster)?;
+        let (word, bitmap) = self.l2_words(l2, p.cluster)?;
+        let old = self.decode(word, bitmap);
+        let sc = cs / SUBCLUSTERS as u64;
+        let (s0, s1) = ((p.start / sc) as u32, p.end.div_ceil(sc) as u32);
+        let touched: u32 = if ext { range_bits(s0, s1) } else { 0 };
+
+        // Overwrite in place: the cluster is ours alone (or lives in a data file).
+        let private = |copied: bool| copied || self.data_file.is_some();
+        match old {
+            L2Entry::Normal { host, copied } if private(copied) => {
+                drop(st);
+                return Ok(self.data_storage().write_at(data, host + p.start)?);
+            }
+            L2Entry::Extended {
+                host,
+                alloc,
+                copied,
+                ..
+            } if host != 0 && private(copied) && alloc & touched == touched => {
+                drop(st);
+                return Ok(self.data_storage().write_at(data, host + p.start)?);
+            }
+            _ => {}
+        }
+
+        // Anything else allocates (a cluster, or subclusters of our own cluster).
+        let (host, fresh) = match old {
+            L2Entry::Extended { host, copied, .. } if host != 0 && private(copied) => (host, false),
+            L2Entry::Zero { host: Some(host) }
+                if word & COPIED != 0 || self.data_file.is_some() =>
+            {
+                (host, false)
+            }
+            _ if self.data_file.is_some() => (p.cluster, false),
+            _ => (self.alloc_clusters(&mut st, 1)?, true),
+        };
+        st.inflight.insert(gidx);
+        drop(st);
+
+        // Which bytes of the cluster to write: with subclusters, only the touched
+        // subclusters of a cluster that had no data; otherwise the whole cluster.
+        let whole = !ext
+            || matches!(old, L2Entry::Compressed(_))
+            || matches!(old, L2Entry::Extended { host, copied, .. } if host != 0 && !private(copied));
+        let (b0, b1) = if whole {
+            (0, cs)
+        } else {
+            (s0 as u64 * sc, s1 as u64 * sc)
+        };
+        let result = (|| -> Result<()> {
+            let mut content = vec![0u8; (b1 - b0) as usize];
+            if p.start > b0 || p.end < b1 {
+                // Copy-on-write: what the cluster reads as now.
+                self.read_range(&mut content, p.cluster + b0)?;
+            }
+            content[(p.start - b0) as usize..(p.end - b0) as usize].copy_from_slice(data);
+            self.data_storage().write_at(&content, host + b0)?;
+            Ok(())
+        })();
+
+        let mut st = w.state.lock();
+        if let Err(e) = result {
+            if fresh {
+                st.pending_frees.push((host, cs, false));
+            }
+            self.finish_inflight(w, &mut st, gidx);
+            return Err(e);
+        }
+        let (new_word, new_bitmap) = if ext {
+            let bits = if whole { u32::MAX } else { range_bits(s0, s1) };
+            let (alloc, zero) = match old {
+                L2Entry::Extended {
+                    host: h0,
+                    alloc,
+                    zero,
+                    copied,
+                } if h0 != 0 && private(copied) => (alloc | bits, zero & !bits),
+                L2Entry::Extended { host: 0, zero, .. } => (bits, zero & !bits),
+                _ => (bits, 0),
+            };
+            (host | COPIED, alloc as u64 | (zero as u64) << 32)
+        } else {
+            (host | COPIED, 0)
+        };
+        let res = self
+            .l2_for_write(&mut st, p.cluster)
+            .and_then(|l2| self.set_l2_words(l2, p.cluster, new_word, new_bitmap));
+        if res.is_ok() && fresh {
+            self.release(&mut st, old, false);
+        }
+        self.finish_inflight(w, &mut st, gidx);
+        res
+    }
+
+    /// Makes `offset..offset+len` read as zeros. With `unmap`, clusters entirely
+    /// inside the range are freed.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
+        let w = self.writer()?;
+        check_range(offset, len, self.size.load(Ordering::Acquire))?;
+        let h = &self.meta.header;
+        let cs = self.cluster_size();
+        // The granule a zero flag covers: a subcluster, or a cluster.
+        let granule = if h.has_extended_l2() {
+            cs / SUBCLUSTERS as u64
+        } else {
+            cs
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cluster = pos - pos % cs;
+            let n = (cluster + cs).min(end) - pos;
+            let p = Piece {
+                cluster,
+                start: pos - cluster,
+                end: pos - cluster + n,
+            };
+            let g0 = p.start.div_ceil(granule) * granule;
+            let g1 = (p.end / granule) * granule;
+            let at_end = cluster + cs >= self.size.load(Ordering::Acquire)
+                && p.end + cluster == self.size.load(Ordering::Acquire);
+            if h.version >= 3 && (g0 < g1 || (at_end && p.start.is_multiple_of(granule))) {
+                let g1 = if at_end {
+                    p.end.div_ceil(granule) * granule
+                } else {
+                    g1
+                };
+                // Head and tail that do not cover a whole granule get zero bytes.
+                if p.start < g0 {
+                    self.write_zero_bytes(w, cluster + p.start, g0 - p.start)?;
+                }
+                self.zero_granules(w, cluster, g0, g1.min(cs), unmap)?;
+                if g1 < p.end {
+                    self.write_zero_bytes(w, cluster + g1, p.end - g1)?;
+                }
+            } else {
+                self.write_zero_bytes(w, pos, n)?;
+            }
+            pos += n;
+        }
+        self.writeback_if_needed(w)
+    }
+
+    fn write_zero_bytes(&self, w: &Writer, pos: u64, n: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let cluster = pos - pos % cs;
+        // Nothing to do when the bytes already read as zeros and nothing is allocated.
+        let st = self.lock_cluster(w, cluster / cs)?;
+        let (run, run_len) = self.lookup_run(pos, n)?;
+        drop(st);
+        if run_len >= n
+            && (matches!(run, super::mapping::Run::Zero { .. })
+                || (matches!(run, super::mapping::Run::Unallocated { .. })
+                    && self.backing.is_none()))
+        {
+            return Ok(());
+        }
+        let zeros = vec![0u8; n as usize];
+        self.write_piece(
+            w,
+            Piece {
+                cluster,
+                start: pos - cluster,
+                end: pos - cluster + n,
+            },
+            &zeros,
+        )
+    }
+
+    /// Sets the zero flag (or zero bits) for bytes `g0..g1` of the cluster at guest
+    /// `cluster`, which are granule aligned.
+    fn zero_granules(&self, w: &Writer, cluster: u64, g0: u64, g1: u64, unmap: bool) -> Result<()> {
+        if g0 >= g1 {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let ext = self.meta.header.has_extended_l2();
+        let mut st = self.lock_cluster(w, cluster / cs)?;
+        let l2 = self.l2_for_write(&mut st, cluster)?;
+        let (word, bitmap) = self.l2_words(l2, cluster)?;
+        let old = self.decode(word, bitmap);
+        let whole = g0 == 0 && g1 == cs;
+        let (new_word, new_bitmap, free) = if ext {
+            let sc = cs / SUBCLUSTERS as u64;
+            let bits = range_bits((g0 / sc) as u32, (g1 / sc) as u32) as u64;
+            match old {
+                L2Entry::Compressed(_) if !whole => {
+                    drop(st);
+                    return self.write_zero_bytes(w, cluster + g0, g1 - g0);
+                }
+                L2Entry::Compressed(_) => (0, BITMAP_ALL_ZEROES, true),
+                _ if whole && unmap && word & OFFSET_MASK != 0 => (0, BITMAP_ALL_ZEROES, true),
+                _ => (word, (bitmap & !bits) | (bits << 32), false),
+            }
+        } else {
+            let allocated = matches!(
+                old,
+                L2Entry::Normal { .. } | L2Entry::Zero { host: Some(_) }
+            );
+            let compressed = matches!(old, L2Entry::Compressed(_));
+            if compressed || (unmap && allocated) {
+                (ZERO, 0, true)
+            } else {
+                (word | ZERO, 0, false)
+            }
+        };
+        if (new_word, new_bitmap) != (word, bitmap) {
+            self.set_l2_words(l2, cluster, new_word, new_bitmap)?;
+            if free {
+                self.release(&mut st, old, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Discards whole clusters of `offset..offset+len` (partial clusters are left
+    /// alone, as QEMU does): they read as zeros afterwards (v3), or show the backing
+    /// file (v2), and their host clusters are freed.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let w = self.writer()?;
+        let size = self.size.load(Ordering::Acquire);
+        check_range(offset, len, size)?;
+        let cs = self.cluster_size();
+        let h = &self.meta.header;
+        let ext = h.has_extended_l2();
+        let mut pos = offset.div_ceil(cs) * cs;
+        let end = if offset + len == size {
+            offset + len
+        } else {
+            (offset + len) / cs * cs
+        };
+        while pos < end {
+            let mut st = self.lock_cluster(w, pos / cs)?;
+            let l1_index = (pos / h.l2_coverage()) as usize;
+            let l1e = self.l1.read().get(l1_index).copied().unwrap_or(0);
+            if l1l2::l1_l2_offset(l1e) == 0 && self.backing.is_none() {
+                // Nothing is allocated in this whole table's range.
+                pos = (pos / h.l2_coverage() + 1) * h.l2_coverage();
+                continue;
+            }
+            let l2 = self.l2_for_write(&mut st, pos)?;
+            let (word, bitmap) = self.l2_words(l2, pos)?;
+            let old = self.decode(word, bitmap);
+            let allocated = !matches!(old, L2Entry::Unallocated | L2Entry::Zero { host: None })
+                && !matches!(old, L2Entry::Extended { host: 0, .. });
+            let (new_word, new_bitmap) = if self.backing.is_some() || allocated {
+                if ext {
+                    (0, BITMAP_ALL_ZEROES)
+                } else if h.version >= 3 {
+                    (ZERO, 0)
+                } else {
+                    (0, 0)
+                }
+            } else {
+                (word, bitmap)
+            };
+            if (new_word, new_bitmap) != (word, bitmap) {
+                self.set_l2_words(l2, pos, new_word, new_bitmap)?;
+                self.release(&mut st, old, true);
+            }
+            drop(st);
+            pos += cs;
+        }
+        self.writeback_if_needed(w)
+    }
+
+    /// Writes dirty L2 tables when the cache holds more than it should (after the
+    /// refcount blocks they depend on).
+    pub(super) fn writeback_if_needed(&self, w: &Writer) -> Result<()> {
+        if !self.l2_cache.over_capacity() {
+            return Ok(());
+        }
+        let mut st = w.state.lock();
+        self.write_refcounts_then_l2(&mut st)
+    }
+
+    fn write_refcounts_then_l2(&self, st: &mut WriteState) -> Result<()> {
+        let dirty = self.l2_cache.dirty();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        // Refcount blocks first (not needed while the dirty bit covers them with
+        // lazy refcounts); the sync also makes the data the tables point to durable.
+        let lazy = st.header.lazy_refcounts() && st.header.is_dirty();
+        if st.refcounts.has_dirty_blocks() && !lazy {
+            st.refcounts.flush_blocks(self.storage.as_ref())?;
+        }
+        self.sync_data()?;
+        let mut raw = vec![0u8; self.cluster_size() as usize];
+        for (off, t) in dirty {
+            for (i, e) in t.iter().enumerate() {
+                crate::format::be::put_u64(&mut raw, i * 8, *e);
+            }
+            self.storage.write_at(&raw, off)?;
+            self.l2_cache.mark_clean(off, &t);
+        }
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<()> {
+        if let Some(d) = &self.data_file {
+            d.flush()?;
+        }
+        self.storage.flush()?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable, in dependency order.
+    pub fn flush(&self) -> Result<()> {
+        let Some(w) = self.writer.as_ref() else {
+            return Ok(());
+        };
+        let mut st = w.state.lock();
+        let io = self.storage.as_ref();
+        // 1 and 2: refcount blocks, then L2 tables.
+        st.refcounts.flush_blocks(io)?;
+        self.write_refcounts_then_l2(&mut st)?;
+        self.sync_data()?;
+        // 3: the L1 table, now that every table it points to is on disk.
+        if st.l1_dirty {
+            let l1 = self.l1.read();
+            let mut raw = vec![0u8; l1.len() * 8];
+            for (i, e) in l1.iter().enumerate() {
+                crate::format::be::put_u64(&mut raw, i * 8, *e);
+            }
+            io.write_at(&raw, st.header.l1_table_offset)?;
+            drop(l1);
+            io.flush()?;
+            st.l1_dirty = false;
+        }
+        // 4: the frees whose references are now gone from the disk.
+        if !st.pending_frees.is_empty() {
+            let frees = std::mem::take(&mut st.pending_frees);
+            let cs = self.cluster_size();
+            for (off, len, punch) in frees {
+                st.refcounts.free(io, off, len)?;
+                let mut c = off & !(cs - 1);
+                while c < off + len {
+                    if st.refcounts.get(io, c / cs)? == 0 {
+                        self.l2_cache.remove(c);
+                        if punch {
+                            io.punch_hole(c, cs)?;
+                        }
+                    }
+                    c += cs;
+                }
+            }
+            st.refcounts.flush_blocks(io)?;
+            io.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Changes the virtual size. Growing keeps every byte; shrinking needs `shrink`
+    /// and drops everything past the new end.
+    pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+        let w = self.writer()?;
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::InvalidArgument(
+                "Image size must be a multiple of 512 bytes".into(),
+            ));
+        }
+        let old_size = self.size.load(Ordering::Acquire);
+        if new_size < old_size {
+            if !shrink {
+                return Err(Error::InvalidArgument(
+                    "Use the --shrink option to perform a shrink operation.".into(),
+                ));
+            }
+            self.discard_tail(w, new_size, old_size)?;
+        }
+        self.flush()?;
+        let mut st = w.state.lock();
+        let h = &self.meta.header;
+        let cs = self.cluster_size();
+        let needed = new_size.div_ceil(h.l2_coverage());
+        if needed * 8 > crate::format::MAX_L1_BYTES {
+            return Err(Error::InvalidArgument(
+                "The image size is too large for this cluster size".into(),
+            ));
+        }
+        let io = self.storage.as_ref();
+        let cur = self.l1.read().len() as u64;
+        if needed > cur {
+            // A new, larger L1 table, written before the header points to it.
+            let bytes = needed * 8;
+            let new_off = self.alloc_clusters(&mut st, bytes.div_ceil(cs))?;
+            st.refcounts.flush_blocks(io)?;
+            io.flush()?;
+            let mut l1 = self.l1.write();
+            l1.resize(needed as usize, 0);
+            let mut raw = vec![0u8; bytes as usize];
+            for (i, e) in l1.iter().enumerate() {
+                crate::format::be::put_u64(&mut raw, i * 8, *e);
+            }
+            io.write_at(&raw, new_off)?;
+            io.flush()?;
+            let old_off = st.header.l1_table_offset;
+            let old_bytes = cur * 8;
+            st.header.l1_table_offset = new_off;
+            st.header.l1_size = needed as u32;
+            drop(l1);
+            self.size.store(new_size, Ordering::Release);
+            self.write_header(&mut st)?;
+            io.flush()?;
+            if old_bytes > 0 {
+                st.refcounts.free(io, old_off, old_bytes)?;
+                st.refcounts.flush_blocks(io)?;
+                io.flush()?;
+            }
+        } else {
+            self.size.store(new_size, Ordering::Release);
+            self.write_header(&mut st)?;
+            io.flush()?;
+        }
+        if let Some(d) = &self.data_file {
+            if self.meta.header.data_file_raw() || new_size > d.len()? {
+                d.set_len(new_size)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees everything at or past `new_size` (for shrinking).
+    fn discard_tail(&self, w: &Writer, new_size: u64, old_size: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let h = &self.meta.header;
+        let start = new_size.div_ceil(cs) * cs;
+        if start < old_size && !new_size.is_multiple_of(cs) {
+            // The last cluster is partly kept: zero its tail so growing later reads zeros.
+            self.write_zeroes(new_size, start.min(old_size) - new_size, false)?;
+        }
+        let mut pos = start;
+        while pos < old_size {
+            let mut st = self.lock_cluster(w, pos / cs)?;
+            let l1_index = (pos / h.l2_coverage()) as usize;
+            let l1e = self.l1.read().get(l1_index).copied().unwrap_or(0);
+            if l1l2::l1_l2_offset(l1e) != 0 {
+                let l2 = self.l2_for_write(&mut st, pos)?;
+                let (word, bitmap) = self.l2_words(l2, pos)?;
+                if (word, bitmap) != (0, 0) {
+                    let old = self.decode(word, bitmap);
+                    self.set_l2_words(l2, pos, 0, 0)?;
+                    self.release(&mut st, old, true);
+                }
+            }
+            pos += cs;
+        }
+        Ok(())
+    }
+}
+
+/// Bits s0..s1 set.
+fn range_bits(s0: u32, s1: u32) -> u32 {
+    let hi = if s1 >= 32 { u32::MAX } else { (1u32 << s1) - 1 };
+    let lo = if s0 >= 32 { u32::MAX } else { (1u32 << s0) - 1 };
+    hi & !lo
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if let Some(w) = &self.writer {
+            if self.flush().is_ok() {
+                // Everything is on disk: a lazy-refcounts image is clean again.
+                let mut st = w.state.lock();
+                if st.header.is_dirty() && !st.corrupt {
+                    let _ = self.set_dirty_bit(&mut st, false);
+                }
+            }
+        }
+    }
+}
