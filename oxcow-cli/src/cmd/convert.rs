@@ -809,35 +809,35 @@ fn pow2floor(n: u64) -> u64 {
     1u64 << (63 - n.leading_zeros())
 }
 
-/// Groups planned requests into worker jobs.
-fn jobs(segs: &[Seg], starts: &[u64], min_sparse: u64) -> Vec<Job> {
-    let mut out: Vec<Job> = Vec::new();
+/// Groups planned requests into worker jobs, from request `next` on: contiguous
+/// data requests of one source up to 2 MiB (or zero requests to write, with `-S 0`).
+fn next_job(segs: &[Seg], next: &mut usize, starts: &[u64], min_sparse: u64) -> Option<Job> {
     let source_of = |off: u64| starts.partition_point(|&s| s <= off);
-    for (i, s) in segs.iter().enumerate() {
-        if let Some(j) = out.last_mut() {
-            let same_kind = j.status == s.status;
-            let contiguous = j.out + j.len == s.out;
-            let fits = match s.status {
-                Status::Data => {
-                    j.len + s.len <= BUF && source_of(j.out) == source_of(s.out + s.len - 1)
-                }
-                Status::Zero => min_sparse == 0 && j.len + s.len <= BUF,
-            };
-            if same_kind && contiguous && fits {
-                j.count += 1;
-                j.len += s.len;
-                continue;
+    let first = *next;
+    let s = segs.get(first)?;
+    let mut job = Job {
+        first,
+        count: 1,
+        out: s.out,
+        len: s.len,
+        status: s.status,
+    };
+    *next += 1;
+    while let Some(s) = segs.get(*next) {
+        let fits = match s.status {
+            Status::Data => {
+                job.len + s.len <= BUF && source_of(job.out) == source_of(s.out + s.len - 1)
             }
+            Status::Zero => min_sparse == 0 && job.len + s.len <= BUF,
+        };
+        if s.status != job.status || job.out + job.len != s.out || !fits {
+            break;
         }
-        out.push(Job {
-            first: i,
-            count: 1,
-            out: s.out,
-            len: s.len,
-            status: s.status,
-        });
+        job.count += 1;
+        job.len += s.len;
+        *next += 1;
     }
-    out
+    Some(job)
 }
 
 /// Creates (truncates) the raw target as qemu's file driver does: the full size as a
@@ -1060,7 +1060,6 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         starts.push(acc);
         acc += s.len;
     }
-    let work = jobs(&segs, &starts, o.min_sparse);
     let copier = Copier {
         srcs: &srcs,
         starts: starts.clone(),
@@ -1087,13 +1086,11 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         threads * 2,
         || {
             // Jobs with nothing to do (zeros on a zeroed target) are not queued.
-            while next < work.len() {
-                let j = &work[next];
-                next += 1;
+            while let Some(j) = next_job(&segs, &mut next, &starts, o.min_sparse) {
                 if j.status == Status::Zero && o.min_sparse != 0 && has_zero_init {
                     continue;
                 }
-                return Ok::<_, ()>(Some(*j));
+                return Ok::<_, ()>(Some(j));
             }
             Ok(None)
         },
