@@ -130,6 +130,7 @@ impl Qcow2 {
             }
             L2Entry::Normal { host, .. } => {
                 self.check_data_cluster(host, &corrupt)?;
+                self.check_data_file_offset(host, pos - in_cluster, &corrupt)?;
                 Run::Data {
                     host: host + in_cluster,
                 }
@@ -181,6 +182,7 @@ impl Qcow2 {
                     self.check_data_cluster(host, &corrupt)?;
                 }
                 let run = if alloc & (1 << sc) != 0 {
+                    self.check_data_file_offset(host, pos - in_cluster, &corrupt)?;
                     Run::Data {
                         host: host + in_cluster,
                     }
@@ -197,6 +199,25 @@ impl Qcow2 {
             }
         };
         Ok((run, cluster_end))
+    }
+
+    /// In an external data file a guest cluster lives at its own offset: QEMU (since
+    /// the fix of CVE-2024-4467) refuses any other host offset of a data cluster.
+    fn check_data_file_offset(
+        &self,
+        host: u64,
+        guest: u64,
+        corrupt: &dyn Fn(String, u64) -> Error,
+    ) -> Result<()> {
+        if self.meta.header.has_data_file() && host != guest {
+            return Err(corrupt(
+                format!(
+                    "External data file host cluster offset {host:#x} does not match guest cluster offset {guest:#x}"
+                ),
+                host,
+            ));
+        }
+        Ok(())
     }
 
     fn check_data_cluster(&self, host: u64, corrupt: &dyn Fn(String, u64) -> Error) -> Result<()> {
