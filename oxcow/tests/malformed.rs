@@ -507,6 +507,46 @@ fn data_cluster_past_eof() {
     corrupt(&read_err(&p), &["unaligned"]);
 }
 
+/// A data cluster of an external data file must lie at its guest offset (QEMU
+/// refuses any other since CVE-2024-4467): two swapped L2 entries are corrupt.
+#[test]
+fn data_file_offset_mismatch() {
+    let dir = tempdir();
+    let d = dir.path();
+    for (name, opts) in [
+        ("dfm.qcow2", "data_file={D}/dfm.raw"),
+        ("dfx.qcow2", "data_file={D}/dfx.raw,extended_l2=on"),
+    ] {
+        let opts = opts.replace("{D}", d.to_str().unwrap());
+        let p = image(d, name, &opts, "1M");
+        qemu_io(
+            d,
+            name,
+            &["write -P 1 0 64k".into(), "write -P 2 64k 64k".into()],
+        );
+        let es = if opts.contains("extended_l2") { 16 } else { 8 };
+        let at = read_be64(&p, read_be64(&p, 40)) & 0x00ff_ffff_ffff_fe00;
+        let (e0, e1) = (read_be64(&p, at), read_be64(&p, at + es));
+        patch_be64(&p, at, e1);
+        patch_be64(&p, at + es, e0);
+        let words = [
+            "External data file host cluster offset 0x10000",
+            "guest cluster offset 0x0",
+        ];
+        corrupt(&read_err(&p), &words);
+        corrupt(&status_err(&p), &words);
+        // QEMU agrees.
+        let q = std::process::Command::new("qemu-io")
+            .current_dir(d)
+            .args(["-r", "-c", "read 0 64k", name])
+            .output()
+            .unwrap();
+        let out =
+            String::from_utf8_lossy(&q.stderr).into_owned() + &String::from_utf8_lossy(&q.stdout);
+        assert!(out.contains("does not match guest cluster offset"), "{out}");
+    }
+}
+
 /// A 1 MiB image with one compressed cluster (random nibbles, so about half a
 /// cluster of compressed bytes) at guest 0; returns it and the offset of its L2 entry.
 fn compressed(dir: &Path, name: &str, ct: &str) -> (PathBuf, u64) {
