@@ -408,6 +408,12 @@ qemu-io -c 'write -P 1 0 64k' -c abort dirty.qcow2 >/dev/null 2>&1 || true
 qemu-img create -q -f qcow2 corrupt.qcow2 8M
 qemu-io -c 'write -P 1 0 64k' corrupt.qcow2 >/dev/null
 printf '\\002' | dd of=corrupt.qcow2 bs=1 seek=79 conv=notrunc status=none");
+    // Bitmaps left behind by a program that does not know them (autoclear bit clear).
+    d.sh("qemu-img create -q -f qcow2 stale.qcow2 1M\nqemu-img bitmap --add stale.qcow2 b0");
+    let mut f = std::fs::read(d.path("stale.qcow2")).unwrap();
+    f[95] &= !1;
+    std::fs::write(d.path("stale.qcow2"), f).unwrap();
+    d.sh("qemu-img create -q -f qcow2 -b stale.qcow2 -F qcow2 over-stale.qcow2");
     // Snapshot fields qemu-img never writes itself: a VM clock, a VM state size, no
     // instruction count.
     for (name, icount) in [("clock.qcow2", 12345u64), ("noicount.qcow2", u64::MAX)] {
@@ -426,6 +432,8 @@ printf '\\002' | dd of=corrupt.qcow2 bs=1 seek=79 conv=notrunc status=none");
     }
     d.sync();
     for name in [
+        "stale.qcow2",
+        "over-stale.qcow2",
         "clock.qcow2",
         "noicount.qcow2",
         "snap.qcow2",

@@ -720,8 +720,22 @@ fn luks_info(h: &[u8]) -> Result<Map<String, Value>, String> {
     Ok(m)
 }
 
+/// QEMU's warning when opening an image whose bitmaps extension was left behind by a
+/// program that does not know bitmaps (the autoclear bit is clear): they are ignored.
+pub(crate) fn warn_stale_bitmaps(ctx: &Ctx, meta: &ImageMeta) {
+    let bit = oxcow::format::header::autoclear::BITMAPS;
+    if meta.bitmaps_ext.is_some() && meta.header.autoclear_features & bit == 0 {
+        eprint!(
+            "{}: warning: a program lacking bitmap support modified this file, so all \
+             bitmaps are now considered inconsistent\nSome clusters may be leaked, run \
+             'qemu-img check -r' on the image file to fix.",
+            ctx.prog
+        );
+    }
+}
+
 /// Opens one image (no backing file, no data file) and describes it.
-fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
+fn query_node(ctx: &Ctx, filename: &str, fmt: Option<&str>) -> Result<Node, String> {
     let format = check_format(filename, fmt)?;
     let (storage, md) = open_file(filename)?;
     let format = match format {
@@ -747,6 +761,7 @@ fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
         },
         Format::Qcow2 => {
             let meta = ImageMeta::load(&storage).map_err(|e| open_error(filename, &e))?;
+            warn_stale_bitmaps(ctx, &meta);
             let h = &meta.header;
             let encrypt = encryption_info(&meta, &storage)
                 .map_err(|r| format!("Could not open '{filename}': {r}"))?;
@@ -780,7 +795,7 @@ fn query_node(filename: &str, fmt: Option<&str>) -> Result<Node, String> {
 }
 
 /// `collect_image_info_list()`: the image, and with `chain` every image below it.
-fn collect(filename: &str, fmt: Option<&str>, chain: bool) -> Result<Vec<Node>, String> {
+fn collect(ctx: &Ctx, filename: &str, fmt: Option<&str>, chain: bool) -> Result<Vec<Node>, String> {
     let mut list = Vec::new();
     let mut seen = HashSet::new();
     let mut filename = filename.to_string();
@@ -791,7 +806,7 @@ fn collect(filename: &str, fmt: Option<&str>, chain: bool) -> Result<Vec<Node>, 
                 "Backing file '{filename}' creates an infinite loop."
             ));
         }
-        let node = query_node(&filename, fmt.as_deref())?;
+        let node = query_node(ctx, &filename, fmt.as_deref())?;
         let next = if chain {
             match (&node.full_backing_filename, &node.backing_filename) {
                 (Some(full), _) => Some((full.clone(), node.backing_filename_format.clone())),
@@ -870,7 +885,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         Ok(None) => return 0,
         Err(stop) => return report_stop(ctx, "info", stop),
     };
-    let list = match collect(&a.filename, a.fmt.as_deref(), a.chain) {
+    let list = match collect(ctx, &a.filename, a.fmt.as_deref(), a.chain) {
         Ok(l) => l,
         Err(msg) => {
             ctx.error(msg);

@@ -288,6 +288,13 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             return 1;
         }
     };
+    let mut layer = Some(&image);
+    while let Some(l) = layer {
+        if let Some(q) = l.qcow2() {
+            super::info::warn_stale_bitmaps(ctx, q.meta());
+        }
+        layer = l.backing_image().map(|b| b.as_ref());
+    }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let header = match a.output {
