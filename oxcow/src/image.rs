@@ -73,6 +73,7 @@ pub struct Image {
     file: Arc<dyn Storage>,
     dev: Arc<dyn BlockDevice>,
     qcow2: Option<Arc<Qcow2>>,
+    raw: Option<Arc<RawImage>>,
     backing: Option<Arc<Image>>,
     data_file: Option<String>,
 }
@@ -122,12 +123,13 @@ impl Image {
         };
         match format {
             Format::Raw => {
-                let dev: Arc<dyn BlockDevice> = Arc::new(RawImage::open(storage.clone())?);
+                let raw = Arc::new(RawImage::open(storage.clone())?);
                 Ok(Image {
                     filename: filename.to_string(),
                     format,
                     file: storage,
-                    dev,
+                    dev: raw.clone(),
+                    raw: Some(raw),
                     qcow2: None,
                     backing: None,
                     data_file: None,
@@ -195,6 +197,7 @@ impl Image {
                     format,
                     file: storage,
                     dev: q.clone(),
+                    raw: None,
                     qcow2: Some(q),
                     backing,
                     data_file: data_file.map(|d| d.0),
@@ -220,6 +223,40 @@ impl Image {
     /// The backing image, when it was opened.
     pub fn backing_image(&self) -> Option<&Arc<Image>> {
         self.backing.as_ref()
+    }
+
+    /// Changes the virtual size. Shrinking needs `shrink`; `prealloc` says how the
+    /// new space is allocated.
+    pub fn resize(
+        &self,
+        new_size: u64,
+        shrink: bool,
+        prealloc: crate::Preallocation,
+    ) -> Result<()> {
+        let old = self.size();
+        if new_size < old && !shrink {
+            return Err(Error::InvalidArgument(
+                "Use the --shrink option to perform a shrink operation.".into(),
+            ));
+        }
+        match (&self.qcow2, &self.raw) {
+            (Some(q), _) => {
+                q.resize(new_size, shrink)?;
+                q.preallocate(prealloc, old, new_size)
+            }
+            (None, Some(r)) => r.resize(new_size, prealloc),
+            _ => Err(Error::Unsupported("this image cannot be resized".into())),
+        }
+    }
+
+    /// Changes the backing file named in the image header (qcow2 only).
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        match &self.qcow2 {
+            Some(q) => q.set_backing_file(name, format),
+            None => Err(Error::Unsupported(
+                "Operation not supported: raw images have no backing file".into(),
+            )),
+        }
     }
 
     /// The storage holding the image file itself.

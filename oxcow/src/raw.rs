@@ -3,12 +3,13 @@
 use crate::device::{check_range, BlockDevice, LayerStatus, StatusKind};
 use crate::error::Result;
 use crate::storage::{Extent, Storage};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct RawImage {
     storage: Arc<dyn Storage>,
-    size: u64,
+    size: AtomicU64,
 }
 
 impl RawImage {
@@ -16,7 +17,28 @@ impl RawImage {
         // QEMU counts a file in 512-byte sectors, rounding up: the tail of a partial
         // last sector reads as zeros.
         let size = storage.len()?.div_ceil(512) * 512;
-        Ok(RawImage { storage, size })
+        Ok(RawImage {
+            storage,
+            size: AtomicU64::new(size),
+        })
+    }
+
+    /// Changes the size of the file (new bytes read as zeros; `prealloc` reserves
+    /// or writes them).
+    pub fn resize(
+        &self,
+        new_size: u64,
+        prealloc: crate::engine::create::Preallocation,
+    ) -> Result<()> {
+        use crate::engine::create::Preallocation;
+        let old = self.storage.len()?;
+        self.storage.set_len(new_size)?;
+        if new_size > old && matches!(prealloc, Preallocation::Falloc | Preallocation::Full) {
+            self.storage
+                .preallocate(old, new_size - old, prealloc == Preallocation::Full)?;
+        }
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -26,16 +48,16 @@ impl RawImage {
 
 impl BlockDevice for RawImage {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         Ok(self.storage.read_at(buf, offset)?)
     }
 
     fn layer_status(&self, offset: u64, len: u64) -> Result<LayerStatus> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         let (kind, n) = match self.storage.extent_at(offset, len)? {
             Extent::Data(n) => (StatusKind::Data, n),
             Extent::Hole(n) => (StatusKind::Zero, n),
@@ -58,12 +80,12 @@ impl BlockDevice for RawImage {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size)?;
+        check_range(offset, buf.len() as u64, self.size())?;
         Ok(self.storage.write_at(buf, offset)?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         if unmap {
             self.storage.punch_hole(offset, len)?;
             // Where holes cannot be punched, the bytes must still become zeros.
@@ -84,7 +106,7 @@ impl BlockDevice for RawImage {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        check_range(offset, len, self.size)?;
+        check_range(offset, len, self.size())?;
         Ok(self.storage.punch_hole(offset, len)?)
     }
 

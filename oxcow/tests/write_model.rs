@@ -112,6 +112,7 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
         })
         .unwrap_or_else(|| vec![0u8; size as usize]);
     let mut img = open_rw(path, cache);
+    let mut size = size;
     for step in 0..steps {
         let op = rng.below(100);
         // Offsets cluster-aligned half of the time, lengths from bytes to clusters.
@@ -171,6 +172,14 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
                 Err(e) => assert!(e.to_string().contains("overwrite"), "{e}"),
             }
             what = format!("write -c {c:#x}");
+        } else if op < 93 && backing.is_none() {
+            // Grow or shrink (to any multiple of 512); new space reads as zeros.
+            let new_size = (size / 2 + rng.below(size * 3 / 2)) / 512 * 512 + 512;
+            img.resize(new_size, true, oxcow::Preallocation::Off)
+                .unwrap();
+            model.resize(new_size as usize, 0);
+            size = new_size;
+            what = format!("resize {new_size:#x}");
         } else if op < 93 {
             img.flush().unwrap();
             what = "flush".into();

@@ -672,6 +672,19 @@ impl Qcow2 {
             self.discard_tail(w, new_size, old_size)?;
         }
         self.flush()?;
+        if new_size < old_size {
+            // Give back the space past the last cluster still in use.
+            let mut st = w.state.lock();
+            let io = self.storage.as_ref();
+            let cs = self.cluster_size();
+            let mut end = io.len()?.div_ceil(cs);
+            while end > 1 && st.refcounts.get(io, end - 1)? == 0 {
+                end -= 1;
+            }
+            if end * cs < io.len()? {
+                io.set_len(end * cs)?;
+            }
+        }
         let mut st = w.state.lock();
         let h = &self.meta.header;
         let cs = self.cluster_size();
@@ -715,11 +728,35 @@ impl Qcow2 {
             self.write_header(&mut st)?;
             io.flush()?;
         }
+        drop(st);
         if let Some(d) = &self.data_file {
             if self.meta.header.data_file_raw() || new_size > d.len()? {
                 d.set_len(new_size)?;
             }
         }
+        // Bytes past the old end inside its last cluster may hold old data: zero them.
+        let tail_end = old_size.div_ceil(cs) * cs;
+        if new_size > old_size && !old_size.is_multiple_of(cs) {
+            self.write_zeroes(old_size, tail_end.min(new_size) - old_size, false)?;
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Points the image at another backing file (or none), changing only the header,
+    /// as `qemu-img rebase -u` does. The open image keeps reading its old backing.
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        let w = self.writer()?;
+        if let Some(n) = name {
+            if n.len() > crate::format::MAX_BACKING_NAME as usize {
+                return Err(Error::InvalidArgument("Backing file name too long".into()));
+            }
+        }
+        let mut st = w.state.lock();
+        st.extras.backing_file = name.map(str::to_string);
+        st.extras.backing_format = name.and(format).map(str::to_string);
+        self.write_header(&mut st)?;
+        self.storage.flush()?;
         Ok(())
     }
 
