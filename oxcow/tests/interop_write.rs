@@ -1,0 +1,252 @@
+//! oxcow and QEMU taking turns on one image, and the parts of an image oxcow must
+//! keep when it writes: unknown header extensions and fields, autoclear bits, and
+//! the corrupt bit when metadata would be overwritten.
+
+use oxcow::{BlockDevice, Image, OpenOptions};
+use std::path::Path;
+use std::process::Command;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn qemu(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn check_clean(path: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !s.contains("\"leaks\"") && !s.contains("\"corruptions\""),
+        "qemu-img check:\n{s}"
+    );
+}
+
+fn rw(path: &Path) -> Image {
+    Image::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn read_all(img: &Image) -> Vec<u8> {
+    let mut b = vec![0u8; img.size() as usize];
+    img.read_at(&mut b, 0).unwrap();
+    b
+}
+
+#[test]
+fn alternating_workloads_with_qemu_io_stay_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in [
+        "cluster_size=65536",
+        "cluster_size=4096,refcount_bits=8",
+        "extended_l2=on",
+        "compat=0.10",
+        "lazy_refcounts=on",
+    ] {
+        let p = dir.path().join("alt.qcow2");
+        let ps = p.to_str().unwrap();
+        qemu(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, ps, "8M",
+        ]);
+        let mut rng = Rng(opts.len() as u64 * 31 + 7);
+        let cs: u64 = if opts.contains("4096") { 4096 } else { 65536 };
+        let mut model = vec![0u8; 8 << 20];
+        for round in 0..6 {
+            // QEMU's turn.
+            let mut cmds = Vec::new();
+            for _ in 0..8 {
+                let off = rng.below(128) * 65536 + rng.below(16) * 4096;
+                let len = (1 + rng.below(24)) * 4096;
+                let len = len.min((8 << 20) - off);
+                let pat = (rng.next() as u8) | 1;
+                if rng.below(4) == 0 {
+                    cmds.push(format!("write -z {off} {len}"));
+                    model[off as usize..(off + len) as usize].fill(0);
+                } else {
+                    cmds.push(format!("write -P {pat} {off} {len}"));
+                    model[off as usize..(off + len) as usize].fill(pat);
+                }
+            }
+            let mut args = vec!["qemu-io".to_string()];
+            for c in cmds {
+                args.push("-c".into());
+                args.push(c);
+            }
+            args.push(ps.to_string());
+            let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+            qemu(&a);
+            check_clean(&p);
+            // oxcow's turn.
+            let img = rw(&p);
+            assert!(
+                read_all(&img) == model,
+                "{opts} round {round}: oxcow reads other bytes than qemu-io wrote"
+            );
+            for _ in 0..8 {
+                let off = rng.below(128) * 65536 + rng.below(64) * 1024;
+                let len = ((1 + rng.below(40)) * 1024).min((8 << 20) - off);
+                match rng.below(5) {
+                    0 => {
+                        img.write_zeroes(off, len, rng.below(2) == 0).unwrap();
+                        model[off as usize..(off + len) as usize].fill(0);
+                    }
+                    1 => {
+                        // Whole clusters inside the range read as zeros afterwards.
+                        img.discard(off, len).unwrap();
+                        let (s, e) = (off.div_ceil(cs) * cs, (off + len) / cs * cs);
+                        if s < e {
+                            model[s as usize..e as usize].fill(0);
+                        }
+                    }
+                    _ => {
+                        let pat = (rng.next() as u8) | 1;
+                        img.write_at(&vec![pat; len as usize], off).unwrap();
+                        model[off as usize..(off + len) as usize].fill(pat);
+                    }
+                }
+            }
+            assert!(
+                read_all(&img) == model,
+                "{opts} round {round}: oxcow reads other bytes than it wrote"
+            );
+            drop(img);
+            check_clean(&p);
+            let raw = dir.path().join("alt.raw");
+            qemu(&[
+                "qemu-img",
+                "convert",
+                "-O",
+                "raw",
+                ps,
+                raw.to_str().unwrap(),
+            ]);
+            assert!(
+                std::fs::read(&raw).unwrap() == model,
+                "{opts} round {round}: qemu-img reads other bytes"
+            );
+        }
+    }
+}
+
+#[test]
+fn unknown_extensions_fields_and_autoclear_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("u.qcow2");
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    // Add an unknown header extension before the end marker, and an unknown
+    // autoclear bit.
+    let mut b = std::fs::read(&p).unwrap();
+    let hl = u32::from_be_bytes(b[100..104].try_into().unwrap()) as usize;
+    let mut at = hl;
+    loop {
+        let kind = u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[at + 4..at + 8].try_into().unwrap()) as usize;
+        if kind == 0 {
+            break;
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    let ext = [
+        0x12u8, 0x34, 0x56, 0x78, 0, 0, 0, 5, b'h', b'e', b'l', b'l', b'o', 0, 0, 0,
+    ];
+    // Over the end marker; the zeros after it become the new end marker.
+    assert!(b[at..at + 24].iter().all(|&x| x == 0));
+    b[at..at + 16].copy_from_slice(&ext);
+    b[95] |= 0x80; // autoclear bit 7: unknown
+    std::fs::write(&p, &b).unwrap();
+    {
+        let img = rw(&p);
+        img.write_at(&[7u8; 4096], 8192).unwrap();
+    }
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(
+        after[95] & 0x80,
+        0,
+        "unknown autoclear bits are cleared by a writer"
+    );
+    let needle = &ext[..13];
+    assert!(
+        after[..65536].windows(needle.len()).any(|w| w == needle),
+        "the unknown extension is kept"
+    );
+    check_clean(&p);
+}
+
+#[test]
+fn allocation_over_metadata_marks_the_image_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.qcow2");
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    // Claim the L1 table's cluster (3) is free: refcount block at cluster 2, 16-bit entries.
+    let mut b = std::fs::read(&p).unwrap();
+    let rb = 2 * 65536;
+    b[rb + 6] = 0;
+    b[rb + 7] = 0;
+    std::fs::write(&p, &b).unwrap();
+    let img = rw(&p);
+    let e = img.write_at(&[1u8; 512], 0).unwrap_err().to_string();
+    assert!(e.contains("overwrite") && e.contains("L1"), "{e}");
+    assert!(
+        img.write_at(&[1u8; 512], 65536).is_err(),
+        "writes stop once the image is corrupt"
+    );
+    drop(img);
+    let after = std::fs::read(&p).unwrap();
+    assert_eq!(after[79] & 2, 2, "the corrupt bit is set");
+    let e = Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("corrupt"), "{e}");
+    // Reading still works.
+    let img = Image::open(&p, &OpenOptions::default()).unwrap();
+    assert_eq!(read_all(&img), vec![0u8; 4 << 20]);
+}
