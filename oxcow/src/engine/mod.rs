@@ -77,9 +77,7 @@ impl Qcow2 {
                 "the image needs its external data file".into(),
             ));
         }
-        let mut raw = vec![0u8; h.l1_size as usize * 8];
-        storage.read_at(&mut raw, h.l1_table_offset)?;
-        let l1 = u64_table(&raw);
+        let l1 = read_u64_table(storage.as_ref(), h.l1_table_offset, h.l1_size as usize)?;
         let cs = h.cluster_size();
         let want = opts
             .l2_cache_bytes
@@ -202,4 +200,19 @@ impl BlockDevice for Qcow2 {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+}
+
+/// Reads a table of `n` big-endian u64 entries at `offset` through a small buffer, so
+/// that the bytes of a large L1 table (up to 32 MiB) are never held whole beside the
+/// decoded table.
+fn read_u64_table(storage: &dyn Storage, offset: u64, n: usize) -> Result<Vec<u64>> {
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; (n * 8).min(64 << 10)];
+    while out.len() < n {
+        let k = (n - out.len()).min(buf.len() / 8);
+        let chunk = &mut buf[..k * 8];
+        storage.read_at(chunk, offset + out.len() as u64 * 8)?;
+        out.extend(u64_table(chunk));
+    }
+    Ok(out)
 }
