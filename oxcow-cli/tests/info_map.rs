@@ -374,13 +374,20 @@ qemu-io -c 'write -P 1 64k 64k' dp.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -o data_file=de.data,extended_l2=on de.qcow2 4M
 qemu-io -c 'write -P 1 4k 8k' -c 'write -z 64k 4k' de.qcow2 >/dev/null
 qemu-img create -q -f qcow2 -o data_file=gone.data gone.qcow2 4M
-rm gone.data");
+rm gone.data
+qemu-img create -q -f qcow2 -o data_file=x.data nobit.qcow2 1M
+qemu-img create -q -f qcow2 -o data_file=y.data,data_file_raw=on nobitraw.qcow2 1M
+printf '\\000' | dd of=nobit.qcow2 bs=1 seek=79 conv=notrunc status=none
+printf '\\000' | dd of=nobitraw.qcow2 bs=1 seek=79 conv=notrunc status=none");
     d.sync();
     for name in ["d.qcow2", "dr.qcow2", "dp.qcow2", "de.qcow2"] {
         d.check_image(name);
     }
     // info does not open the data file; map does.
     d.check_image("gone.qcow2");
+    // A data file named, but the incompatible feature bit clear.
+    d.check_image("nobit.qcow2");
+    d.check_image("nobitraw.qcow2");
 }
 
 #[test]

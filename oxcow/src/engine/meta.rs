@@ -127,12 +127,18 @@ impl ImageMeta {
         Ok(meta)
     }
 
-    /// Refuses what the metadata describes but oxcow cannot read: encrypted images
-    /// (their metadata loads, for `info`; their data does not).
+    /// Refuses what the metadata describes but cannot be read: encrypted images (their
+    /// metadata loads, for `info`; their data does not), and a raw external data file
+    /// claimed without an external data file (QEMU refuses those too).
     pub fn check_readable(&self) -> Result<()> {
         if self.header.crypt_method != CryptMethod::None {
             return Err(Error::Unsupported(
                 "Encrypted images are not supported yet by oxcow".to_string(),
+            ));
+        }
+        if self.header.data_file_raw() && !self.header.has_data_file() {
+            return Err(Error::InvalidArgument(
+                "data-file-raw requires a data file".to_string(),
             ));
         }
         Ok(())
