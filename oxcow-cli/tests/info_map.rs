@@ -568,6 +568,30 @@ fn broken_headers() {
 }
 
 #[test]
+fn protocol_prefixes() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    qcow2(&d, "plain.qcow2", "", "1M", &["write -P 1 0 64k"]);
+    d.sh("cp plain.qcow2 x:y.qcow2
+qemu-img create -q -f qcow2 -b file:plain.qcow2 -F qcow2 fb.qcow2");
+    d.sync();
+    for name in [
+        "file:plain.qcow2",
+        "./x:y.qcow2",
+        "file:x:y.qcow2",
+        "fb.qcow2",
+    ] {
+        d.check_image(name);
+    }
+    for name in ["a:b.qcow2", "file:nonexist", "bogus:plain.qcow2"] {
+        d.same(&["info", name]);
+        d.same(&["map", name]);
+    }
+}
+
+#[test]
 fn command_line_errors() {
     if !have_qemu() {
         return;

@@ -207,22 +207,79 @@ fn protocol_name(md: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// Protocols QEMU knows but oxcow does not open (it reads local files only).
+const OTHER_PROTOCOLS: &[&str] = &[
+    "ftp",
+    "ftps",
+    "gluster",
+    "gluster+rdma",
+    "gluster+tcp",
+    "gluster+unix",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "json",
+    "nbd",
+    "nbd+tcp",
+    "nbd+unix",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "rbd",
+    "ssh",
+    "vvfat",
+    "blkdebug",
+    "blkverify",
+];
+
+/// The local file a name on the command line (or a backing name) stands for, as QEMU's
+/// protocol lookup reads it: `file:` is dropped (a remaining colon before any slash is
+/// protected with `./`, as the file driver names such files); other protocols are not
+/// local files.
+pub(crate) fn local_file_name(name: &str) -> Result<String, String> {
+    if !path_has_protocol(name) {
+        return Ok(name.to_string());
+    }
+    let (proto, rest) = name.split_once(':').unwrap_or((name, ""));
+    if proto == "file" {
+        return Ok(if path_has_protocol(rest) {
+            format!("./{rest}")
+        } else {
+            rest.to_string()
+        });
+    }
+    if OTHER_PROTOCOLS.contains(&proto) {
+        return Err(format!(
+            "Could not open '{name}': the '{proto}' protocol is not supported by oxcow (local files only)"
+        ));
+    }
+    Err(format!(
+        "Could not open '{name}': Unknown protocol '{proto}'"
+    ))
+}
+
 /// Opens the file under an image as the `file` protocol driver does, with its errors.
-pub(crate) fn open_file(filename: &str) -> Result<(FileStorage, std::fs::Metadata), String> {
+/// Returns the local name (the node's file name), the storage and its metadata.
+pub(crate) fn open_file(arg: &str) -> Result<(String, FileStorage, std::fs::Metadata), String> {
+    let filename = local_file_name(arg)?;
     let fail = |e: &std::io::Error| {
         format!(
-            "Could not open '{filename}': Could not open '{filename}': {}",
+            "Could not open '{arg}': Could not open '{filename}': {}",
             strerror(e)
         )
     };
-    let md = std::fs::metadata(filename).map_err(|e| fail(&e))?;
+    let md = std::fs::metadata(&filename).map_err(|e| fail(&e))?;
     if md.is_dir() {
         return Err(format!(
-            "Could not open '{filename}': 'file' driver requires '{filename}' to be a regular file"
+            "Could not open '{arg}': 'file' driver requires '{filename}' to be a regular file"
         ));
     }
-    let storage = FileStorage::open(Path::new(filename), false).map_err(|e| fail(&e))?;
-    Ok((storage, md))
+    let storage = FileStorage::open(Path::new(&filename), false).map_err(|e| fail(&e))?;
+    Ok((filename, storage, md))
 }
 
 /// A node of the block graph as `BlockGraphInfo` describes it.
@@ -735,13 +792,14 @@ pub(crate) fn warn_stale_bitmaps(ctx: &Ctx, meta: &ImageMeta) {
 }
 
 /// Opens one image (no backing file, no data file) and describes it.
-fn query_node(ctx: &Ctx, filename: &str, fmt: Option<&str>) -> Result<Node, String> {
-    let format = check_format(filename, fmt)?;
-    let (storage, md) = open_file(filename)?;
+fn query_node(ctx: &Ctx, arg: &str, fmt: Option<&str>) -> Result<Node, String> {
+    let format = check_format(arg, fmt)?;
+    let (local, storage, md) = open_file(arg)?;
     let format = match format {
         Some(f) => f,
-        None => oxcow::image::probe(&storage).map_err(|e| open_error(filename, &e))?,
+        None => oxcow::image::probe(&storage).map_err(|e| open_error(arg, &e))?,
     };
+    let filename = local.as_str();
     let file = file_node(filename, &storage, &md);
     let node = match format {
         Format::Raw => Node {
@@ -760,11 +818,11 @@ fn query_node(ctx: &Ctx, filename: &str, fmt: Option<&str>) -> Result<Node, Stri
             children: vec![("file".to_string(), file)],
         },
         Format::Qcow2 => {
-            let meta = ImageMeta::load(&storage).map_err(|e| open_error(filename, &e))?;
+            let meta = ImageMeta::load(&storage).map_err(|e| open_error(arg, &e))?;
             warn_stale_bitmaps(ctx, &meta);
             let h = &meta.header;
             let encrypt = encryption_info(&meta, &storage)
-                .map_err(|r| format!("Could not open '{filename}': {r}"))?;
+                .map_err(|r| format!("Could not open '{arg}': {r}"))?;
             let backing = meta.backing_file.clone().filter(|b| !b.is_empty());
             let full = backing
                 .as_deref()

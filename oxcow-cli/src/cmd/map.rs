@@ -251,10 +251,10 @@ fn parse_args(ctx: &Ctx, args: &[String]) -> Result<Option<Args>, Stop> {
 }
 
 /// Opens the image with its backing chain and data file, with qemu-img's messages.
-fn open(filename: &str, fmt: Option<&str>) -> Result<Image, String> {
-    let format = check_format(filename, fmt)?;
+fn open(arg: &str, fmt: Option<&str>) -> Result<Image, String> {
+    let format = check_format(arg, fmt)?;
     // The file itself first, for the protocol driver's messages.
-    let (storage, _) = super::info::open_file(filename)?;
+    let (filename, storage, _) = super::info::open_file(arg)?;
     // Without a key (oxcow takes no --object), qemu-img cannot open an encrypted image.
     if format != Some(oxcow::Format::Raw)
         && oxcow::image::probe(&storage).ok() == Some(oxcow::Format::Qcow2)
@@ -262,7 +262,7 @@ fn open(filename: &str, fmt: Option<&str>) -> Result<Image, String> {
         if let Ok(meta) = oxcow::engine::meta::ImageMeta::load(&storage) {
             if meta.header.crypt_method != oxcow::format::header::CryptMethod::None {
                 return Err(format!(
-                    "Could not open '{filename}': Parameter 'encrypt.key-secret' is required for cipher"
+                    "Could not open '{arg}': Parameter 'encrypt.key-secret' is required for cipher"
                 ));
             }
         }
@@ -272,7 +272,7 @@ fn open(filename: &str, fmt: Option<&str>) -> Result<Image, String> {
         format,
         ..OpenOptions::default()
     };
-    Image::open(filename, &opts).map_err(|e| open_error(filename, &e))
+    Image::open(&filename, &opts).map_err(|e| open_error(arg, &e))
 }
 
 pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
