@@ -965,7 +965,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             let v = if a.chain {
                 Value::Array(list.iter().map(Node::to_value).collect())
             } else {
-                list[0].to_value()
+                list.first().map_or(Value::Null, Node::to_value)
             };
             let mut s = qjson::to_json_pretty(&v);
             s.push('\n');
