@@ -7,7 +7,7 @@ use crate::engine::{EngineOptions, Qcow2};
 use crate::error::{Error, Result};
 use crate::format::header::MAGIC;
 use crate::raw::RawImage;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, NoFlush, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -51,6 +51,9 @@ pub struct OpenOptions {
     pub max_chain_depth: usize,
     /// Open the image (not its backing files) for writing.
     pub writable: bool,
+    /// Never wait for the disk (QEMU's cache=unsafe, qemu-img convert's default for
+    /// its target): fast, but a power cut may leave the image inconsistent.
+    pub cache_unsafe: bool,
 }
 
 impl Default for OpenOptions {
@@ -61,6 +64,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: None,
             max_chain_depth: MAX_CHAIN_DEPTH,
             writable: false,
+            cache_unsafe: false,
         }
     }
 }
@@ -107,6 +111,11 @@ impl Image {
                 source,
             },
         )?);
+        let storage: Arc<dyn Storage> = if writable && opts.cache_unsafe {
+            Arc::new(NoFlush(storage))
+        } else {
+            storage
+        };
         if let Some(id) = storage.identity() {
             if seen.contains(&id) {
                 return Err(Error::Backing(format!(
@@ -149,7 +158,13 @@ impl Image {
                                 source,
                             }
                         })?;
-                        Some((p, Arc::new(s) as Arc<dyn Storage>))
+                        let s: Arc<dyn Storage> = Arc::new(s);
+                        let s: Arc<dyn Storage> = if writable && opts.cache_unsafe {
+                            Arc::new(NoFlush(s))
+                        } else {
+                            s
+                        };
+                        Some((p, s))
                     }
                     _ => None,
                 };

@@ -3,10 +3,12 @@
 
 mod file;
 mod memory;
+mod noflush;
 mod recording;
 
 pub use file::FileStorage;
 pub use memory::MemoryStorage;
+pub use noflush::NoFlush;
 pub use recording::{Op, RecordingStorage};
 
 use std::io;
