@@ -18,9 +18,15 @@ use std::process::Command;
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator for `seed`; the environment variable OXCOW_TEST_SEED, when set,
+    /// shifts every seed (to run the same tests on other random workloads).
     pub fn new(seed: u64) -> Rng {
+        let shift = std::env::var("OXCOW_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0);
         // Mix the seed so that small seeds give unrelated streams; never zero.
-        let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut s = seed.wrapping_add(shift.wrapping_mul(0x1000_0000_01b3)) ^ 0x9e37_79b9_7f4a_7c15;
         s = (s ^ (s >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         s = (s ^ (s >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         Rng((s ^ (s >> 31)) | 1)
