@@ -378,9 +378,17 @@ rm gone.data
 qemu-img create -q -f qcow2 -o data_file=x.data nobit.qcow2 1M
 qemu-img create -q -f qcow2 -o data_file=y.data,data_file_raw=on nobitraw.qcow2 1M
 printf '\\000' | dd of=nobit.qcow2 bs=1 seek=79 conv=notrunc status=none
-printf '\\000' | dd of=nobitraw.qcow2 bs=1 seek=79 conv=notrunc status=none");
+printf '\\000' | dd of=nobitraw.qcow2 bs=1 seek=79 conv=notrunc status=none
+qemu-img create -q -f qcow2 -b d.qcow2 -F qcow2 over-d.qcow2
+qemu-io -c 'write -P 9 2M 64k' over-d.qcow2 >/dev/null");
     d.sync();
-    for name in ["d.qcow2", "dr.qcow2", "dp.qcow2", "de.qcow2"] {
+    for name in [
+        "d.qcow2",
+        "dr.qcow2",
+        "dp.qcow2",
+        "de.qcow2",
+        "over-d.qcow2",
+    ] {
         d.check_image(name);
     }
     // info does not open the data file; map does.
