@@ -1,6 +1,11 @@
 //! Shared helpers of the integration tests: running qemu-img / qemu-io (the oracle),
 //! a tiny seeded RNG, random qemu-io workloads, and the checks that compare oxcow's
 //! view of an image (bytes and block status) with QEMU's.
+//!
+//! Environment knobs: OXCOW_TEST_SEED=n shifts every seed (other random workloads,
+//! same checks); OXCOW_TEST_KEEP=1 keeps each test's directory and writes the qemu-io
+//! commands it ran to `qemu-io.log` there; OXCOW_FUZZ_CASES=n sets the number of
+//! cases of the corruption fuzz test in malformed.rs.
 
 #![allow(dead_code)]
 
