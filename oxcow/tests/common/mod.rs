@@ -126,7 +126,7 @@ pub fn qemu_io(dir: &Path, image: &str, cmds: &[String]) {
 }
 
 pub fn qemu_io_with(dir: &Path, image: &str, extra: &[&str], cmds: &[String]) {
-    if std::env::var_os("OXCOW_TEST_KEEP").is_some() {
+    if keep_dirs() {
         // A replayable log: `qemu-io $(cat qemu-io.log | ...)`.
         use std::io::Write;
         let mut log = std::fs::OpenOptions::new()
@@ -781,10 +781,15 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
+/// Whether OXCOW_TEST_KEEP is set (to anything but the empty string).
+fn keep_dirs() -> bool {
+    std::env::var_os("OXCOW_TEST_KEEP").is_some_and(|v| !v.is_empty())
+}
+
 /// A new temporary directory for one test; kept after the test when the
 /// environment variable OXCOW_TEST_KEEP is set, to look at what failed.
 pub fn tempdir() -> tempfile::TempDir {
-    let keep = std::env::var_os("OXCOW_TEST_KEEP").is_some();
+    let keep = keep_dirs();
     let dir = tempfile::Builder::new()
         .prefix("oxcow-test-")
         .disable_cleanup(keep)
