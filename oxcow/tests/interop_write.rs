@@ -250,3 +250,242 @@ fn allocation_over_metadata_marks_the_image_corrupt() {
     let img = Image::open(&p, &OpenOptions::default()).unwrap();
     assert_eq!(read_all(&img), vec![0u8; 4 << 20]);
 }
+
+/// One random program, run through oxcow's library and through qemu-io on images
+/// created the same way: `qemu-img compare` must find them identical, and both must
+/// check clean.
+fn same_workload(dir: &Path, name: &str, qemu_opts: &str, ours: oxcow::CreateOptions, seed: u64) {
+    let size = ours.size;
+    let cs = ours.cluster_size;
+    let mine = dir.join(format!("{name}-oxcow.qcow2"));
+    let theirs = dir.join(format!("{name}-qemu.qcow2"));
+    oxcow::create_qcow2(&mine, &ours).unwrap();
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        qemu_opts,
+        theirs.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let mut rng = Rng(seed);
+    let mut cmds: Vec<String> = Vec::new();
+    let img = rw(&mine);
+    for _ in 0..60 {
+        let align = if rng.below(2) == 0 { cs } else { 512 };
+        let off = rng.below(size / align) * align;
+        let len = ((1 + rng.below(cs * 3 / 512)) * 512).min(size - off);
+        match rng.below(10) {
+            0..=4 => {
+                let pat = (rng.next() as u8) | 1;
+                img.write_at(&vec![pat; len as usize], off).unwrap();
+                cmds.push(format!("write -P {pat} {off} {len}"));
+            }
+            5 | 6 => {
+                let unmap = rng.below(2) == 0;
+                img.write_zeroes(off, len, unmap).unwrap();
+                cmds.push(format!(
+                    "write -z {} {off} {len}",
+                    if unmap { "-u" } else { "" }
+                ));
+            }
+            7 => {
+                img.discard(off, len).unwrap();
+                cmds.push(format!("discard {off} {len}"));
+            }
+            _ => {
+                // Compressed whole clusters, on clusters neither side has written.
+                let c = rng.below(size / cs) * cs;
+                let st = oxcow::block_status(&img, c, cs).unwrap();
+                if st.present || st.len < cs {
+                    continue;
+                }
+                let pat = (rng.next() as u8) | 1;
+                img.qcow2()
+                    .unwrap()
+                    .write_compressed(&vec![pat; cs as usize], c)
+                    .unwrap();
+                cmds.push(format!("write -c -P {pat} {c} {cs}"));
+            }
+        }
+    }
+    drop(img);
+    let mut args = vec!["qemu-io".to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c);
+    }
+    args.push(theirs.to_str().unwrap().to_string());
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    qemu(&a);
+    check_clean(&mine);
+    check_clean(&theirs);
+    let out = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "qcow2"])
+        .arg(&theirs)
+        .arg(&mine)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn random_workloads_equal_qemu_io_for_every_creation_option() {
+    use oxcow::format::header::CompressionType;
+    use oxcow::{CreateOptions, Preallocation};
+    let dir = tempfile::tempdir().unwrap();
+    let base = |size| CreateOptions {
+        size,
+        ..Default::default()
+    };
+    let cases: Vec<(&str, &str, CreateOptions)> = vec![
+        ("default", "cluster_size=65536", base(8 << 20)),
+        (
+            "v2",
+            "compat=0.10",
+            CreateOptions {
+                version: 2,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "512",
+            "cluster_size=512",
+            CreateOptions {
+                cluster_size: 512,
+                ..base(1 << 20)
+            },
+        ),
+        (
+            "4k-rb1",
+            "cluster_size=4096,refcount_bits=1",
+            CreateOptions {
+                cluster_size: 4096,
+                refcount_bits: 1,
+                ..base(4 << 20)
+            },
+        ),
+        (
+            "rb64",
+            "refcount_bits=64",
+            CreateOptions {
+                refcount_bits: 64,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "2m",
+            "cluster_size=2M",
+            CreateOptions {
+                cluster_size: 2 << 20,
+                ..base(32 << 20)
+            },
+        ),
+        (
+            "lazy",
+            "lazy_refcounts=on",
+            CreateOptions {
+                lazy_refcounts: true,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "extl2",
+            "extended_l2=on",
+            CreateOptions {
+                extended_l2: true,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "extl2-32k",
+            "extended_l2=on,cluster_size=32k",
+            CreateOptions {
+                extended_l2: true,
+                cluster_size: 32768,
+                ..base(4 << 20)
+            },
+        ),
+        (
+            "zstd",
+            "compression_type=zstd",
+            CreateOptions {
+                compression_type: CompressionType::Zstd,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "meta",
+            "preallocation=metadata",
+            CreateOptions {
+                preallocation: Preallocation::Metadata,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "falloc",
+            "preallocation=falloc",
+            CreateOptions {
+                preallocation: Preallocation::Falloc,
+                ..base(8 << 20)
+            },
+        ),
+        (
+            "full",
+            "preallocation=full",
+            CreateOptions {
+                preallocation: Preallocation::Full,
+                ..base(8 << 20)
+            },
+        ),
+    ];
+    for (i, (name, q, o)) in cases.into_iter().enumerate() {
+        same_workload(dir.path(), name, q, o, 1000 + i as u64);
+    }
+}
+
+#[test]
+fn discard_frees_space_for_reuse_and_punches_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("d.qcow2");
+    qemu(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        p.to_str().unwrap(),
+        "64M",
+    ]);
+    let img = rw(&p);
+    img.write_at(&vec![9u8; 32 << 20], 0).unwrap();
+    img.flush().unwrap();
+    let full = std::fs::metadata(&p).unwrap();
+    img.discard(0, 32 << 20).unwrap();
+    img.flush().unwrap();
+    let after = std::fs::metadata(&p).unwrap();
+    assert!(
+        after.blocks() * 512 < full.blocks() * 512 - (30 << 20),
+        "discarded clusters are punched out of the file ({} -> {} bytes)",
+        full.blocks() * 512,
+        after.blocks() * 512
+    );
+    // The freed clusters are reused: writing again does not grow the file.
+    img.write_at(&vec![7u8; 32 << 20], 0).unwrap();
+    img.flush().unwrap();
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        full.len(),
+        "freed clusters are reused"
+    );
+    drop(img);
+    check_clean(&p);
+}
