@@ -13,6 +13,11 @@ use std::sync::Arc;
 pub fn create_qcow2(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> {
     let path = path.as_ref();
     opts.validate()?;
+    // The image file first, then its data file, as QEMU creates them.
+    let io = FileStorage::create(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let data: Option<Arc<dyn Storage>> = match &opts.data_file {
         Some(df) => {
             let p = local_path(df, "data file")?;
@@ -25,9 +30,5 @@ pub fn create_qcow2(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<()> 
         }
         None => None,
     };
-    let io = FileStorage::create(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
     create_on(Arc::new(io), data, opts)
 }

@@ -308,7 +308,7 @@ fn invalid_options_are_refused_with_qemu_messages() {
                 cluster_size: 4096,
                 ..Default::default()
             },
-            "at least 16 KiB",
+            "at least 16384 bytes",
         ),
         (
             CreateOptions {

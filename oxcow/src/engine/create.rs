@@ -79,57 +79,29 @@ impl Default for CreateOptions {
 }
 
 impl CreateOptions {
-    /// The checks qemu-img makes before creating anything, with its messages.
+    /// The checks qemu-img makes before creating anything, in QEMU's order
+    /// (qcow2_co_create) and with its messages.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidArgument(m.to_string()));
+        let v3 = "use version=v3 or greater";
         let cs = self.cluster_size;
-        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
-            return bad("Cluster size must be a power of two between 512 and 2048k");
-        }
-        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
-            return bad("Refcount width must be a power of two and may be at most 64 bits");
+        if !self.size.is_multiple_of(512) {
+            return bad("Image size must be a multiple of 512 bytes");
         }
         if self.version != 2 && self.version != 3 {
             return bad("Invalid compatibility level");
         }
-        if self.version == 2 {
-            let v3 = "use compat=1.1 or greater";
-            if self.refcount_bits != 16 {
-                return bad(&format!("Different refcount widths than 16 bits require compatibility level 1.1 or above ({v3})"));
-            }
-            if self.lazy_refcounts {
-                return bad(&format!(
-                    "Lazy refcounts only supported with compatibility level 1.1 and above ({v3})"
-                ));
-            }
-            if self.extended_l2 {
-                return bad(&format!("Extended L2 entries are only supported with compatibility level 1.1 and above ({v3})"));
-            }
-            if self.compression_type != CompressionType::Zlib {
-                return bad(&format!("Non-zlib compression type is only supported with compatibility level 1.1 and above ({v3})"));
-            }
-            if self.data_file.is_some() {
-                return bad(&format!(
-                    "data-file is only supported with compatibility level 1.1 and above ({v3})"
-                ));
-            }
+        let v2 = self.version == 2;
+        if self.extended_l2 && v2 {
+            return bad(&format!("Extended L2 entries are only supported with compatibility level 1.1 and above ({v3})"));
+        }
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return bad("Cluster size must be a power of two between 512 and 2048k");
         }
         if self.extended_l2 && cs < 16384 {
             return bad(
-                "Extended L2 entries are only supported with cluster sizes of at least 16 KiB",
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             );
-        }
-        if !self.size.is_multiple_of(512) {
-            return bad("Image size must be a multiple of 512 bytes");
-        }
-        if self.backing_format.is_some() && self.backing_file.is_none() {
-            return bad("Backing format cannot be used without backing file");
-        }
-        if self.data_file_raw && self.data_file.is_none() {
-            return bad("data-file-raw requires data-file");
-        }
-        if self.data_file_raw && self.backing_file.is_some() {
-            return bad("Backing file and data-file-raw cannot be used at the same time");
         }
         if self.backing_file.is_some()
             && self.preallocation != Preallocation::Off
@@ -137,15 +109,43 @@ impl CreateOptions {
         {
             return bad("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
-        if let Some(b) = &self.backing_file {
-            if b.len() > MAX_BACKING_NAME as usize {
-                return bad("Backing file name too long");
-            }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return bad("Backing format cannot be used without backing file");
+        }
+        if self.lazy_refcounts && v2 {
+            return bad(&format!(
+                "Lazy refcounts only supported with compatibility level 1.1 and above ({v3})"
+            ));
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return bad("Refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if v2 && self.refcount_bits != 16 {
+            return bad(&format!("Different refcount widths than 16 bits require compatibility level 1.1 or above ({v3})"));
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return bad("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return bad("Backing file and data-file-raw cannot be used at the same time");
+        }
+        if self.data_file.is_some() && v2 {
+            return bad(&format!("External data files are only supported with compatibility level 1.1 and above ({v3})"));
+        }
+        if self.compression_type != CompressionType::Zlib && v2 {
+            return bad(&format!("Non-zlib compression type is only supported with compatibility level 1.1 and above ({v3})"));
         }
         let l2_entry = if self.extended_l2 { 16 } else { 8 };
         let coverage = cs / l2_entry * cs;
         if self.size.div_ceil(coverage) * 8 > MAX_L1_BYTES {
-            return bad("Image size is too large for this cluster size");
+            return bad(
+                "The image size is too large for file format 'qcow2' (try using a larger cluster size)",
+            );
+        }
+        if let Some(b) = &self.backing_file {
+            if b.len() > MAX_BACKING_NAME as usize {
+                return bad("Backing file name too long");
+            }
         }
         Ok(())
     }
