@@ -4,6 +4,7 @@ use crate::common::Ctx;
 
 mod compare;
 mod convert;
+mod create;
 mod dd;
 mod info;
 mod map;
@@ -19,6 +20,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "dd" => dd::run(ctx, rest),
+        "create" => create::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
