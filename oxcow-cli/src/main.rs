@@ -23,6 +23,9 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "oxcow".to_string());
+    if invoked == "qemu-io" {
+        return ExitCode::from(cmd::io::run_as("qemu-io", &args[1.min(args.len())..]));
+    }
     let prog = if invoked == "qemu-img" {
         "qemu-img"
     } else {

@@ -7,6 +7,7 @@ mod convert;
 mod create;
 mod dd;
 mod info;
+pub mod io;
 mod map;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
@@ -16,6 +17,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let rest = &args[1..];
     match cmd.as_str() {
         "info" => info::run(ctx, rest),
+        "io" => io::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
