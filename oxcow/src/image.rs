@@ -257,10 +257,29 @@ impl Image {
         match (&self.qcow2, &self.raw) {
             (Some(q), _) => {
                 q.resize(new_size, shrink)?;
+                // A raw data file stays readable alone: new clusters are mapped at
+                // once, as QEMU maps them.
+                let prealloc =
+                    if q.header().data_file_raw() && prealloc == crate::Preallocation::Off {
+                        crate::Preallocation::Metadata
+                    } else {
+                        prealloc
+                    };
                 q.preallocate(prealloc, old, new_size)
             }
             (None, Some(r)) => r.resize(new_size, prealloc),
             _ => Err(Error::Unsupported("this image cannot be resized".into())),
+        }
+    }
+
+    /// Drops every guest cluster, so the backing file shows through again, as
+    /// `qemu-img commit` leaves the image it committed (qcow2 only).
+    pub fn make_empty(&self) -> Result<()> {
+        match &self.qcow2 {
+            Some(q) => q.make_empty(),
+            None => Err(Error::Unsupported(
+                "Operation not supported: raw images cannot be emptied".into(),
+            )),
         }
     }
 

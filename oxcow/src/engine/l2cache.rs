@@ -152,6 +152,11 @@ impl L2Cache {
         }
     }
 
+    /// Forgets every table (the image was emptied).
+    pub fn clear(&self) {
+        self.inner.lock().tables.clear();
+    }
+
     /// Forgets a table (its cluster was freed).
     pub fn remove(&self, offset: u64) {
         self.inner.lock().tables.remove(&offset);

@@ -4,6 +4,7 @@
 pub mod compress;
 pub mod create;
 pub mod decompress;
+mod empty;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;

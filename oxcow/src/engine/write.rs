@@ -60,7 +60,7 @@ impl Qcow2 {
     }
 
     /// Rewrites cluster 0 from the writer's header and extensions.
-    fn write_header(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn write_header(&self, st: &mut WriteState) -> Result<()> {
         st.header.refcount_table_offset = st.refcounts.table_offset();
         st.header.refcount_table_clusters = st.refcounts.table_clusters();
         st.header.size = self.size.load(Ordering::Acquire);
@@ -256,7 +256,7 @@ impl Qcow2 {
     }
 
     /// Drops a reference held by an L2 entry (after the entry has changed in memory).
-    fn release(&self, st: &mut WriteState, old: L2Entry, punch: bool) {
+    pub(super) fn release(&self, st: &mut WriteState, old: L2Entry, punch: bool) {
         let cs = self.cluster_size();
         match old {
             L2Entry::Compressed(d) => {
@@ -729,8 +729,9 @@ impl Qcow2 {
             io.flush()?;
         }
         drop(st);
+        // The external data file follows the disk exactly, as QEMU resizes it.
         if let Some(d) = &self.data_file {
-            if self.meta.header.data_file_raw() || new_size > d.len()? {
+            if d.len()? != new_size {
                 d.set_len(new_size)?;
             }
         }
