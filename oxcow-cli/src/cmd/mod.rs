@@ -9,6 +9,7 @@ mod dd;
 mod info;
 pub mod io;
 mod map;
+mod resize;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let Some(cmd) = args.first() else {
@@ -23,6 +24,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "convert" => convert::run(ctx, rest),
         "dd" => dd::run(ctx, rest),
         "create" => create::run(ctx, rest),
+        "resize" => resize::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
