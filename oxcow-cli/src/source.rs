@@ -3,7 +3,7 @@
 //! rounded up, a qcow2 size rounded down), reads past the file's end returning zeros.
 
 use crate::common;
-use oxcow::{BlockDevice, BlockStatus, Format, Image, OpenOptions};
+use oxcow::{BlockDevice, BlockStatus, Format, Image, OpenOptions, StatusKind};
 
 pub const SECTOR: u64 = 512;
 
@@ -70,6 +70,45 @@ impl Source {
         }
         let len = len.min(self.real - offset);
         oxcow::block_status(&self.img, offset, len)
+    }
+
+    /// Block status of the image alone, above its backing file (what qemu-img asks
+    /// when the target has a backing file of its own): unallocated ranges are
+    /// neither data nor zero, except past the end of the backing file. An image
+    /// without a backing file answers for itself as [`Source::status`] does.
+    pub fn status_above_backing(&self, offset: u64, len: u64) -> oxcow::Result<BlockStatus> {
+        let Some(backing) = self.img.backing_image() else {
+            return self.status(offset, len);
+        };
+        if offset >= self.real {
+            return self.status(offset, len);
+        }
+        let len = len.min(self.real - offset);
+        let s = self.img.layer_status(offset, len)?;
+        let (zero, data) = match s.kind {
+            StatusKind::Data => (s.file_zero, true),
+            StatusKind::Zero => (true, false),
+            StatusKind::Unallocated => (offset >= qemu_len(backing), false),
+        };
+        Ok(BlockStatus {
+            len: s.len,
+            depth: 0,
+            present: s.kind != StatusKind::Unallocated,
+            zero,
+            data,
+            compressed: s.compressed,
+            offset: s.offset,
+        })
+    }
+}
+
+/// An image's length as QEMU sees it: a raw file's length rounded up to whole
+/// sectors, a qcow2 size rounded down.
+pub fn qemu_len(img: &Image) -> u64 {
+    let real = img.size();
+    match img.format() {
+        Format::Raw => real.div_ceil(SECTOR) * SECTOR,
+        Format::Qcow2 => real / SECTOR * SECTOR,
     }
 }
 

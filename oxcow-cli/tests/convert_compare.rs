@@ -412,10 +412,10 @@ fn convert_messages_match_qemu() {
         d.same(args);
     }
     // Formats qemu-img writes but oxcow does not yet: a clear error.
-    let o = d.oxcow(&["convert", "-O", "qcow2", "a.qcow2", "o.qcow2"]);
+    let o = d.oxcow(&["convert", "-O", "vmdk", "a.qcow2", "o.vmdk"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("'qcow2' is not supported yet"), "{err}");
+    assert!(err.contains("'vmdk' is not supported yet"), "{err}");
 }
 
 #[test]

@@ -1,24 +1,32 @@
-//! `convert [-f fmt] [-O output_fmt] [-p] [-q] [-n] [-S sparse_size] [-m num] [-W]
-//! [-t cache] [-T src_cache] [-U] [--target-is-zero] [-o options] filename
-//! [filename2 [...]] output_filename`: qemu-img's img_convert, for raw output.
+//! `convert [-f fmt] [-O output_fmt] [-p] [-q] [-n] [-c] [-S sparse_size] [-m num] [-W]
+//! [-t cache] [-T src_cache] [-U] [--target-is-zero] [-o options] [-B backing [-F fmt]]
+//! filename [filename2 [...]] output_filename`: qemu-img's img_convert, for raw and
+//! qcow2 output.
 //!
 //! Like qemu-img, the sources (concatenated) are first walked by block status to plan
 //! the copy: zero and unallocated ranges are never read, data ranges are cut in chunks
-//! of at most 2 MiB. Worker threads then read the chunks through the shared images
-//! (decompressing on every core), find the zero sectors in what they read, and write
-//! only the rest with positional writes, so the target is a sparse file. With `-S 0`
-//! every byte is written; with `-n` the existing target's zero ranges are punched.
+//! of at most 2 MiB (one cluster each when compressing). Worker threads then read the
+//! chunks through the shared images (decompressing on every core), find the zero
+//! sectors in what they read, compress clusters for `-c`, and record the writes.
+//!
+//! A raw target is written by the workers themselves with positional writes, so it is
+//! a sparse file. A qcow2 target is written by the main thread in guest order (its
+//! allocations, hence the file's bytes, do not depend on timing or `-m`: the same
+//! bytes as qemu-img's in-order writes), or by the workers with `-W`. With `-S 0` every
+//! byte is written; with `-n` the existing target's zero ranges are zeroed; with a
+//! backing file (`-B`) what the sources take from their own backing files is left to
+//! the target's.
 
+use super::create::{append_descs, QemuOpts, FILE_OPTS, QCOW2_OPTS};
 use crate::common::Ctx;
-use crate::copyopts::{
-    cvtnum, cvtnum_full, getopt_error, qemu_knows_format, unsupported_output_format,
-    valid_cache_mode,
-};
+use crate::copyopts::{cvtnum, cvtnum_full, getopt_error, qemu_knows_format, valid_cache_mode};
 use crate::pool::{is_zero, run_ordered, worker_count};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
-use crate::source::{error_reason, Source, SECTOR};
-use oxcow::Format;
+use crate::source::{self, error_reason, Source, SECTOR};
+use oxcow::engine::compress::compress_cluster;
+use oxcow::format::header::CompressionType;
+use oxcow::{BlockDevice, Image, OpenOptions};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
@@ -153,6 +161,9 @@ struct Opts {
     salvage: bool,
     image_opts: bool,
     target_image_opts: bool,
+    /// `-W`: writes may complete out of guest order (the qcow2 layout then depends
+    /// on timing).
+    oob_writes: bool,
 }
 
 impl Default for Opts {
@@ -180,6 +191,7 @@ impl Default for Opts {
             salvage: false,
             image_opts: false,
             target_image_opts: false,
+            oob_writes: false,
         }
     }
 }
@@ -258,7 +270,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<(Opts, Vec<String>), u8> {
                 o.parallel =
                     cvtnum_full(ctx, "number of coroutines", &arg, false, 1, 16).ok_or(1u8)?;
             }
-            "W" => {}
+            "W" => o.oob_writes = true,
             "C" => o.copy_range = true,
             "p" => o.progress = true,
             "q" => o.quiet = true,
@@ -352,9 +364,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
 }
 
 fn has_help_option(list: &str) -> bool {
-    split_options(list)
-        .iter()
-        .any(|(k, _)| k == "help" || k == "?")
+    super::create::has_help_option(list)
 }
 
 /// Splits an option list "a=1,b=x,,y,c" into (key, value) pairs (",," is a comma
@@ -391,6 +401,9 @@ fn split_options(list: &str) -> Vec<(String, Option<String>)> {
 
 /// `-o help` for the output format.
 fn print_option_help(ctx: &Ctx, fmt: &str, filename: Option<&str>) -> u8 {
+    if fmt == "qcow2" {
+        return super::create::print_option_help(ctx, fmt, filename);
+    }
     if fmt != "raw" {
         return unknown_or_unsupported(ctx, fmt);
     }
@@ -414,7 +427,9 @@ fn print_option_help(ctx: &Ctx, fmt: &str, filename: Option<&str>) -> u8 {
 
 fn unknown_or_unsupported(ctx: &Ctx, fmt: &str) -> u8 {
     if qemu_knows_format(fmt) {
-        ctx.error(unsupported_output_format(fmt));
+        ctx.error(format!(
+            "Output format '{fmt}' is not supported yet (only 'raw' and 'qcow2' can be written)"
+        ));
     } else {
         ctx.error(format!("Unknown file format '{fmt}'"));
     }
@@ -460,12 +475,14 @@ fn raw_create_options(ctx: &Ctx, list: Option<&str>) -> Result<Option<String>, u
     Ok(prealloc)
 }
 
-/// One qemu-img request: a range of the (concatenated) output, read from a source or
-/// known to be zero.
+/// One qemu-img request: a range of the (concatenated) output, read from a source,
+/// known to be zero, or left to the target's backing file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Status {
     Data,
     Zero,
+    /// Left alone so that the target's backing file shows through.
+    Backing,
 }
 
 /// A planned request of qemu-img's copy loop.
@@ -477,9 +494,28 @@ struct Seg {
     len: u64,
 }
 
-/// The planning walk of convert_iteration_sectors: block status per source, runs
-/// aligned to the source's cluster size, data requests of at most 2 MiB.
-fn plan(o: &Opts, srcs: &[Source]) -> Result<Vec<Seg>, (u64, String)> {
+/// What shapes the plan besides the sources.
+#[derive(Debug, Clone, Copy)]
+struct PlanParams {
+    min_sparse: u64,
+    /// Bytes per data request (qemu-img's buf_sectors): 2 MiB, or one cluster when
+    /// writing compressed clusters.
+    buf: u64,
+    /// The target's cluster size when writing compressed clusters: requests are
+    /// whole clusters then.
+    compress_cluster: Option<u64>,
+    /// The target has a backing file: what the sources take from their own backing
+    /// files is left to it.
+    target_has_backing: bool,
+    /// Length of the new target's backing file; zeros past it need no writing.
+    target_backing_len: Option<u64>,
+}
+
+/// The planning walk of convert_iteration_sectors: block status per source (above
+/// the source's backing file when the target has one), runs aligned to the
+/// source's cluster size, data requests of at most `buf` bytes, whole clusters when
+/// compressing.
+fn plan(p: &PlanParams, srcs: &[Source]) -> Result<Vec<Seg>, (u64, String)> {
     let total: u64 = srcs.iter().map(|s| s.len).sum();
     let mut segs: Vec<Seg> = Vec::new();
     let mut pos = 0u64;
@@ -494,29 +530,62 @@ fn plan(o: &Opts, srcs: &[Source]) -> Result<Vec<Seg>, (u64, String)> {
         }
         let s = &srcs[cur];
         let mut n = (total - pos).min(MAX_REQUEST);
+        let mut post_backing_zero = false;
+        if let Some(tb) = p.target_backing_len {
+            if pos >= tb {
+                post_backing_zero = true;
+            } else if pos + n > tb {
+                n = tb - pos;
+            }
+        }
         if next_status <= pos {
             let off = pos - src_start;
             let ask = n.min(s.len - off);
-            let st = s.status(off, ask).map_err(|e| (off, error_reason(&e)))?;
+            let st = if p.target_has_backing {
+                s.status_above_backing(off, ask)
+            } else {
+                s.status(off, ask)
+            }
+            .map_err(|e| (off, error_reason(&e)))?;
             let mut len = st.len.max(1).div_ceil(SECTOR) * SECTOR;
             let tail = (off + len) % s.align;
             if len > tail {
                 len -= tail;
             }
-            status = if st.zero { Status::Zero } else { Status::Data };
+            status = if st.zero {
+                if post_backing_zero {
+                    Status::Backing
+                } else {
+                    Status::Zero
+                }
+            } else if st.data || !p.target_has_backing {
+                Status::Data
+            } else {
+                Status::Backing
+            };
             next_status = pos + len;
         }
         n = n.min(next_status - pos);
-        if status == Status::Data || o.min_sparse == 0 {
-            n = n.min(BUF);
+        if status == Status::Data {
+            n = n.min(p.buf);
         }
-        // Consecutive zero requests make one range when nothing is written for them.
+        // Compressed clusters are written whole: a shorter run is read as data
+        // (and the rest of the current run too, as qemu-img's state changes).
+        if let Some(cs) = p.compress_cluster {
+            if n < cs {
+                n = cs.min(total - pos);
+                status = Status::Data;
+            } else {
+                n = n / cs * cs;
+            }
+        }
+        if status == Status::Zero && p.min_sparse == 0 {
+            n = n.min(p.buf);
+        }
+        // Consecutive requests that write nothing make one range.
+        let quiet = |st: Status| st == Status::Backing || (st == Status::Zero && p.min_sparse != 0);
         if let Some(last) = segs.last_mut() {
-            if status == Status::Zero
-                && o.min_sparse != 0
-                && last.status == Status::Zero
-                && last.out + last.len == pos
-            {
+            if status == last.status && quiet(status) && last.out + last.len == pos {
                 last.len += n;
                 pos += n;
                 continue;
@@ -544,12 +613,51 @@ struct Job {
     status: Status,
 }
 
+/// Where the copy goes.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    /// A raw file, written with positional writes.
+    Raw(&'a File),
+    /// A qcow2 image.
+    Qcow2(&'a Image),
+}
+
+/// A write of the copy. Workers record the writes of a job, then carry them out
+/// themselves (raw targets, and qcow2 targets with `-W`) or hand them to the main
+/// thread, which carries them out in guest order (qcow2 targets: the image's layout
+/// then does not depend on which worker finished first).
+enum OpKind {
+    /// Bytes `start..end` of the job's buffer.
+    Data { start: usize, end: usize },
+    /// Zeros, written as zeros or by unmapping.
+    Zero { len: u64 },
+    /// One compressed cluster.
+    Compressed(Vec<u8>),
+}
+
+struct Op {
+    /// Start of the request the write belongs to (named in error messages).
+    req: u64,
+    out: u64,
+    kind: OpKind,
+}
+
+/// A job's outcome: its writes (when the main thread is to carry them out) and the
+/// buffer they refer to.
+struct Done {
+    first: usize,
+    count: usize,
+    result: Result<(), Failure>,
+    ops: Vec<Op>,
+    buf: Option<Vec<u8>>,
+}
+
 /// The copy settings the workers share.
 struct Copier<'a> {
     srcs: &'a [Source],
     /// Output offset where each source starts.
     starts: Vec<u64>,
-    target: &'a File,
+    target: Target<'a>,
     segs: &'a [Seg],
     min_sparse: u64,
     alignment: u64,
@@ -557,7 +665,14 @@ struct Copier<'a> {
     salvage: bool,
     quiet: bool,
     ctx: &'a Ctx,
+    /// Serializes writes to a raw target.
     write_lock: std::sync::Mutex<()>,
+    /// Compressed output: the target's compression type and cluster size.
+    compress: Option<(CompressionType, u64)>,
+    /// The main thread carries out the writes, in guest order.
+    in_order: bool,
+    /// Buffers handed back by the main thread after their writes.
+    pool: std::sync::Mutex<Vec<Vec<u8>>>,
 }
 
 /// A failed request: "error while reading/writing at byte N: reason".
@@ -574,11 +689,23 @@ impl Copier<'_> {
         (i, out - self.starts[i])
     }
 
-    /// Reads output range `out..out+buf.len()` from the sources (a group never
-    /// crosses sources, but salvage reads may be split anyway).
+    /// Reads output range `out..out+buf.len()` from the sources (a compressed
+    /// cluster may span two of them).
     fn read(&self, buf: &mut [u8], out: u64) -> Result<(), oxcow::Error> {
-        let (i, off) = self.locate(out);
-        self.srcs[i].read(buf, off)
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = out + done as u64;
+            let (i, off) = self.locate(at);
+            let left = self.srcs[i].len.saturating_sub(off);
+            let n = if left == 0 {
+                buf.len() - done
+            } else {
+                (left.min((buf.len() - done) as u64)) as usize
+            };
+            self.srcs[i].read(&mut buf[done..done + n], off)?;
+            done += n;
+        }
+        Ok(())
     }
 
     fn read_salvaging(&self, buf: &mut [u8], out: u64) -> Result<(), oxcow::Error> {
@@ -601,17 +728,70 @@ impl Copier<'_> {
         Ok(())
     }
 
-    fn process(&self, buf: &mut Vec<u8>, job: Job) -> Result<(), Failure> {
+    /// A buffer for the next job.
+    fn pooled(&self) -> Vec<u8> {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        self.pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buf);
+    }
+
+    /// Runs one job on a worker: reads it, decides its writes, and carries them out
+    /// or hands them on.
+    fn work(&self, buf: &mut Vec<u8>, job: Job) -> Done {
+        let mut ops = Vec::new();
+        let (first, count) = (job.first, job.count);
+        if let Err(f) = self.process(buf, job, &mut ops) {
+            return Done {
+                first,
+                count,
+                result: Err(f),
+                ops: Vec::new(),
+                buf: None,
+            };
+        }
+        if self.in_order {
+            let needs_buf = ops.iter().any(|op| matches!(op.kind, OpKind::Data { .. }));
+            let buf = needs_buf.then(|| std::mem::replace(buf, self.pooled()));
+            return Done {
+                first,
+                count,
+                result: Ok(()),
+                ops,
+                buf,
+            };
+        }
+        let result = self.execute(buf, &ops);
+        Done {
+            first,
+            count,
+            result,
+            ops: Vec::new(),
+            buf: None,
+        }
+    }
+
+    /// Reads a job and records its writes.
+    fn process(&self, buf: &mut Vec<u8>, job: Job, ops: &mut Vec<Op>) -> Result<(), Failure> {
         let segs = &self.segs[job.first..job.first + job.count];
         match job.status {
+            Status::Backing => Ok(()),
             Status::Zero if self.min_sparse != 0 => {
                 if !self.has_zero_init {
                     for s in segs {
-                        self.write_zeroes(buf, s.out, s.len).map_err(|e| Failure {
-                            at: s.out,
-                            write: true,
-                            reason: crate::common::io_reason(&e),
-                        })?;
+                        ops.push(Op {
+                            req: s.out,
+                            out: s.out,
+                            kind: OpKind::Zero { len: s.len },
+                        });
                     }
                 }
                 Ok(())
@@ -621,11 +801,7 @@ impl Copier<'_> {
                 let n = job.len as usize;
                 buf.clear();
                 buf.resize(n, 0);
-                self.write_at(&buf[..n], job.out).map_err(|e| Failure {
-                    at: job.out,
-                    write: true,
-                    reason: crate::common::io_reason(&e),
-                })
+                self.record_writes(&buf[..n], job, segs, ops)
             }
             Status::Data => {
                 let n = job.len as usize;
@@ -651,60 +827,178 @@ impl Copier<'_> {
                         }
                     }
                 }
-                for s in segs {
-                    let at = (s.out - job.out) as usize;
-                    self.write_request(&data[at..at + s.len as usize], s.out)
-                        .map_err(|e| Failure {
-                            at: s.out,
-                            write: true,
-                            reason: crate::common::io_reason(&e),
-                        })?;
-                }
-                Ok(())
+                self.record_writes(&buf[..n], job, segs, ops)
             }
         }
     }
 
-    /// Writes to the target. Writes are serialized: a buffered write holds the file's
-    /// inode lock anyway, and threads contending for it only burn CPU spinning.
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.target.write_all_at(data, offset)
+    fn record_writes(
+        &self,
+        data: &[u8],
+        job: Job,
+        segs: &[Seg],
+        ops: &mut Vec<Op>,
+    ) -> Result<(), Failure> {
+        for s in segs {
+            let at = (s.out - job.out) as usize;
+            self.write_request(data, at, s.len as usize, s.out, ops)?;
+        }
+        Ok(())
     }
 
-    /// convert_co_write for a data request: with sparse detection, zero runs are
-    /// skipped (or zeroed on a target that is not known to be zero).
-    fn write_request(&self, data: &[u8], out: u64) -> std::io::Result<()> {
-        if self.min_sparse == 0 {
-            return self.write_at(data, out);
+    /// convert_co_write for a data request (`data[at..at+len]`, at output offset
+    /// `out`): with sparse detection, zero runs are skipped (or zeroed on a target
+    /// that is not known to be zero); compressed output compresses whole clusters.
+    fn write_request(
+        &self,
+        data: &[u8],
+        at: usize,
+        len: usize,
+        out: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), Failure> {
+        let req = &data[at..at + len];
+        let mut push = |out: u64, kind: OpKind| {
+            ops.push(Op {
+                req: out,
+                out,
+                kind,
+            })
+        };
+        if let Some((kind, cs)) = self.compress {
+            if self.min_sparse != 0 && is_zero(req) {
+                if !self.has_zero_init {
+                    push(out, OpKind::Zero { len: len as u64 });
+                }
+                return Ok(());
+            }
+            let compressed = if len as u64 == cs {
+                compress_cluster(kind, req)
+            } else {
+                // The last cluster of a disk that ends inside it, padded with zeros.
+                let mut whole = vec![0u8; cs as usize];
+                whole[..len].copy_from_slice(req);
+                compress_cluster(kind, &whole)
+            };
+            match compressed {
+                Ok(Some(c)) => push(out, OpKind::Compressed(c)),
+                // Data that does not shrink is written as a normal cluster.
+                Ok(None) => push(
+                    out,
+                    OpKind::Data {
+                        start: at,
+                        end: at + len,
+                    },
+                ),
+                Err(_) => {
+                    return Err(Failure {
+                        at: out,
+                        write: true,
+                        reason: "Invalid argument".into(),
+                    })
+                }
+            }
+            return Ok(());
         }
-        let sectors = data.len().div_ceil(SECTOR as usize);
+        if self.min_sparse == 0 {
+            push(
+                out,
+                OpKind::Data {
+                    start: at,
+                    end: at + len,
+                },
+            );
+            return Ok(());
+        }
+        let sectors = len.div_ceil(SECTOR as usize);
         let mut done = 0usize;
         while done < sectors {
             let start = done * SECTOR as usize;
             let (alloc, n) = is_allocated_sectors_min(
-                &data[start..],
+                &req[start..],
                 sectors - done,
                 self.min_sparse as usize,
                 out / SECTOR + done as u64,
                 self.alignment as usize,
             );
-            let end = ((done + n) * SECTOR as usize).min(data.len());
-            if alloc {
-                self.write_at(&data[start..end], out + start as u64)?;
+            let end = ((done + n) * SECTOR as usize).min(len);
+            let kind = if alloc {
+                Some(OpKind::Data {
+                    start: at + start,
+                    end: at + end,
+                })
             } else if !self.has_zero_init {
-                let mut scratch = Vec::new();
-                self.write_zeroes(&mut scratch, out + start as u64, (end - start) as u64)?;
+                Some(OpKind::Zero {
+                    len: (end - start) as u64,
+                })
+            } else {
+                None
+            };
+            if let Some(kind) = kind {
+                ops.push(Op {
+                    req: out,
+                    out: out + start as u64,
+                    kind,
+                });
             }
             done += n;
         }
         Ok(())
     }
 
-    /// Makes `offset..offset+len` of the target read as zeros: punches a hole, or
+    /// Carries out recorded writes; `buf` is the buffer their data lies in.
+    fn execute(&self, buf: &[u8], ops: &[Op]) -> Result<(), Failure> {
+        let mut scratch = Vec::new();
+        for op in ops {
+            let r = match (self.target, &op.kind) {
+                (Target::Raw(_), OpKind::Data { start, end }) => self
+                    .raw_write(&buf[*start..*end], op.out)
+                    .map_err(|e| crate::common::io_reason(&e)),
+                (Target::Raw(_), OpKind::Zero { len }) => self
+                    .raw_zeroes(&mut scratch, op.out, *len)
+                    .map_err(|e| crate::common::io_reason(&e)),
+                (Target::Raw(_), OpKind::Compressed(_)) => {
+                    Err("Operation not supported".to_string())
+                }
+                (Target::Qcow2(img), OpKind::Data { start, end }) => img
+                    .write_at(&buf[*start..*end], op.out)
+                    .map_err(|e| write_reason(&e)),
+                (Target::Qcow2(img), OpKind::Zero { len }) => img
+                    .write_zeroes(op.out, *len, true)
+                    .map_err(|e| write_reason(&e)),
+                (Target::Qcow2(img), OpKind::Compressed(c)) => match img.qcow2() {
+                    Some(q) => q
+                        .write_compressed_prepared(c, op.out)
+                        .map_err(|e| write_reason(&e)),
+                    None => Err("Operation not supported".to_string()),
+                },
+            };
+            r.map_err(|reason| Failure {
+                at: op.req,
+                write: true,
+                reason,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Writes to a raw target. Writes are serialized: a buffered write holds the
+    /// file's inode lock anyway, and threads contending for it only burn CPU spinning.
+    fn raw_write(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let Target::Raw(f) = self.target else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        f.write_all_at(data, offset)
+    }
+
+    /// Makes `offset..offset+len` of a raw target read as zeros: punches a hole, or
     /// writes zeros where the file system cannot.
-    fn write_zeroes(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> std::io::Result<()> {
-        if punch_hole(self.target, offset, len).is_ok() {
+    fn raw_zeroes(&self, buf: &mut Vec<u8>, offset: u64, len: u64) -> std::io::Result<()> {
+        let Target::Raw(f) = self.target else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        if punch_hole(f, offset, len).is_ok() {
             return Ok(());
         }
         buf.clear();
@@ -712,10 +1006,24 @@ impl Copier<'_> {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
-            self.write_at(&buf[..n], offset + done)?;
+            self.raw_write(&buf[..n], offset + done)?;
             done += n as u64;
         }
         Ok(())
+    }
+}
+
+/// The reason QEMU gives when a write to a qcow2 target fails.
+fn write_reason(e: &oxcow::Error) -> String {
+    match e {
+        oxcow::Error::Io(io) => crate::common::io_reason(io),
+        oxcow::Error::Unsupported(m) if m.starts_with("Compression is not supported") => {
+            "Operation not supported".to_string()
+        }
+        oxcow::Error::Unsupported(m) if m.starts_with("Compression can't overwrite") => {
+            "Input/output error".to_string()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -829,6 +1137,7 @@ fn next_job(segs: &[Seg], next: &mut usize, starts: &[u64], min_sparse: u64) -> 
                 job.len + s.len <= BUF && source_of(job.out) == source_of(s.out + s.len - 1)
             }
             Status::Zero => min_sparse == 0 && job.len + s.len <= BUF,
+            Status::Backing => false,
         };
         if s.status != job.status || job.out + job.len != s.out || !fits {
             break;
@@ -923,77 +1232,162 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
     }
     let total: u64 = srcs.iter().map(|s| s.len).sum();
     let out_fmt = o.out_fmt.clone().unwrap_or_else(|| "raw".into());
-    let mut prealloc = Prealloc::Off;
+    let qcow2 = match out_fmt.as_str() {
+        "raw" => false,
+        "qcow2" => true,
+        other => return unknown_or_unsupported(ctx, other),
+    };
+
+    // The creation options (qemu-img parses them before it checks anything else).
+    let mut raw_prealloc = None;
+    let mut qopts = None;
     if !o.skip_create {
-        if out_fmt != "raw" {
-            return unknown_or_unsupported(ctx, &out_fmt);
+        if qcow2 {
+            let mut list = QemuOpts::new(append_descs(&[QCOW2_OPTS, FILE_OPTS]));
+            if let Some(opts) = &o.options {
+                if let Err(msg) = list.parse(opts) {
+                    ctx.error(msg);
+                    return 1;
+                }
+            }
+            list.set_number("size", total);
+            // add_old_style_options: -B and -F win over -o.
+            for (name, v) in [
+                ("backing_file", &o.backing),
+                ("backing_fmt", &o.backing_fmt),
+            ] {
+                if let Some(v) = v {
+                    if let Err(msg) = list.set(name, v) {
+                        ctx.error(msg);
+                        return 1;
+                    }
+                }
+            }
+            qopts = Some(list);
+        } else {
+            raw_prealloc = match raw_create_options(ctx, o.options.as_deref()) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            if o.backing.is_some() {
+                ctx.error("Backing file not supported for file format 'raw'");
+                return 1;
+            }
+            if o.backing_fmt.is_some() {
+                ctx.error("Backing file format not supported for file format 'raw'");
+                return 1;
+            }
         }
-        let p = match raw_create_options(ctx, o.options.as_deref()) {
-            Ok(p) => p,
-            Err(code) => return code,
-        };
-        if o.backing.is_some() {
-            ctx.error("Backing file not supported for file format 'raw'");
+    }
+    // The target's backing file: -B, or backing_file in -o (-B wins).
+    let out_backing = match &qopts {
+        Some(l) => l.get("backing_file").map(str::to_string),
+        None => o.backing.clone(),
+    };
+    let target_has_backing = out_backing.is_some();
+    if o.target_is_zero && target_has_backing {
+        // qemu-img reports this, then exits with success.
+        ctx.error("Cannot use --target-is-zero when the destination image has a backing file");
+        return 0;
+    }
+    if srcs.len() > 1 && target_has_backing {
+        ctx.error(
+            "Having a backing file for the target makes no sense when concatenating multiple \
+             input images",
+        );
+        return 1;
+    }
+    if let Some(l) = &qopts {
+        if l.get("backing_file").is_some() && l.get("backing_fmt").is_none() {
+            ctx.error("Use of backing file requires explicit backing format");
             return 1;
         }
-        if o.backing_fmt.is_some() {
-            ctx.error("Backing file format not supported for file format 'raw'");
-            return 1;
-        }
-        if o.compress {
+    }
+    if o.compress {
+        if !o.skip_create && !qcow2 {
             ctx.error("Compression not supported for this file format");
             return 1;
         }
-        if o.bitmaps {
-            if srcs.len() > 1 {
-                ctx.error("Copying bitmaps only possible with single source");
+        if let Some(l) = &qopts {
+            if l.get_bool("encryption") || l.get("encrypt.format").is_some() {
+                ctx.error("Compression and encryption not supported at the same time");
                 return 1;
             }
-            if srcs[0].img.format() == Format::Raw {
+            if l.get("preallocation").is_some_and(|p| p != "off") {
+                ctx.error("Compression and preallocation not supported at the same time");
+                return 1;
+            }
+        }
+    }
+    if o.bitmaps {
+        if srcs.len() > 1 {
+            ctx.error("Copying bitmaps only possible with single source");
+            return 1;
+        }
+        match srcs[0].img.qcow2() {
+            None => {
                 ctx.error("Source lacks bitmap support");
                 return 1;
             }
-        }
-        if inputs.iter().any(|i| same_file(i, out_name)) {
-            ctx.error(format!(
-                "{out_name}: error while converting raw: {}",
-                lock_message(out_name)
-            ));
-            return 1;
-        }
-        prealloc = match p.as_deref() {
-            None | Some("off") => Prealloc::Off,
-            Some("falloc") => Prealloc::Falloc,
-            Some("full") => Prealloc::Full,
-            Some(other) => {
-                ctx.error(format!(
-                    "{out_name}: error while converting raw: invalid parameter value: {other}"
-                ));
+            Some(q) if qcow2 && !q.meta().bitmaps.is_empty() => {
+                ctx.error("Copying persistent bitmaps is not supported by oxcow yet");
                 return 1;
             }
-        };
-    } else if out_fmt != "raw" {
-        return unknown_or_unsupported(ctx, &out_fmt);
+            Some(_) => {}
+        }
     }
 
-    let target = if o.skip_create {
-        if !valid_cache_mode(&o.cache) {
-            ctx.error(format!("Invalid cache option: {}", o.cache));
-            return 1;
-        }
+    // Create the target.
+    if !o.skip_create {
         if inputs.iter().any(|i| same_file(i, out_name)) {
             ctx.error(format!(
-                "Could not open '{out_name}': {}",
+                "{out_name}: error while converting {out_fmt}: {}",
                 lock_message(out_name)
             ));
             return 1;
         }
+        let created = match &qopts {
+            Some(l) => super::create::create_qcow2(out_name, total, l),
+            None => create_raw_target(out_name, total, raw_prealloc.as_deref()),
+        };
+        if let Err(msg) = created {
+            ctx.error(format!(
+                "{out_name}: error while converting {out_fmt}: {msg}"
+            ));
+            return 1;
+        }
+    }
+    if !valid_cache_mode(&o.cache) {
+        ctx.error(format!("Invalid cache option: {}", o.cache));
+        return 1;
+    }
+    if o.skip_create && inputs.iter().any(|i| same_file(i, out_name)) {
+        ctx.error(format!(
+            "Could not open '{out_name}': {}",
+            lock_message(out_name)
+        ));
+        return 1;
+    }
+    let (raw_target, qcow2_target) = if qcow2 {
+        let opts = OpenOptions {
+            writable: true,
+            cache_unsafe: o.cache == "unsafe",
+            ..Default::default()
+        };
+        match crate::common::open_image(out_name, Some("qcow2"), &opts) {
+            Ok(img) => (None, Some(img)),
+            Err(msg) => {
+                ctx.error(msg);
+                return 1;
+            }
+        }
+    } else {
         match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(out_name)
         {
-            Ok(f) => f,
+            Ok(f) => (Some(f), None),
             Err(e) => {
                 ctx.error(format!(
                     "Could not open '{out_name}': Could not open '{out_name}': {}",
@@ -1002,47 +1396,69 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
                 return 1;
             }
         }
-    } else {
-        let f = match create_target(out_name, total, prealloc) {
-            Ok(f) => f,
-            Err(e) => {
-                ctx.error(format!(
-                    "{out_name}: error while converting raw: Could not create '{out_name}': {}",
-                    crate::common::io_reason(&e)
-                ));
-                return 1;
-            }
-        };
-        if !valid_cache_mode(&o.cache) {
-            ctx.error(format!("Invalid cache option: {}", o.cache));
-            return 1;
-        }
-        f
     };
-    if o.bitmaps {
+    if o.bitmaps && !qcow2 {
         ctx.error("Format driver 'raw' does not support bitmaps");
         return 1;
     }
-    if o.compress {
+    if o.compress && !qcow2 {
         ctx.error("Compression not supported for this file format");
         return 1;
     }
+    let target = match (&raw_target, &qcow2_target) {
+        (Some(f), _) => Target::Raw(f),
+        (None, Some(img)) => Target::Qcow2(img),
+        (None, None) => return 1,
+    };
     if o.skip_create {
-        let len = match target.metadata() {
-            Ok(m) if m.file_type().is_file() => m.len(),
-            _ => {
-                use std::io::Seek;
-                let mut t = &target;
-                t.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+        let len = match target {
+            Target::Qcow2(img) => source::qemu_len(img),
+            Target::Raw(f) => {
+                let len = match f.metadata() {
+                    Ok(m) if m.file_type().is_file() => m.len(),
+                    _ => {
+                        use std::io::Seek;
+                        let mut t = f;
+                        t.seek(std::io::SeekFrom::End(0)).unwrap_or(0)
+                    }
+                };
+                len.div_ceil(SECTOR) * SECTOR
             }
         };
-        if len.div_ceil(SECTOR) * SECTOR < total {
+        if len < total {
             ctx.error("output file is smaller than input file");
             return 1;
         }
     }
+    // Zeros past the end of a new target's backing file need no writing.
+    let target_backing_len = match target {
+        Target::Qcow2(img) if target_has_backing && !o.skip_create => {
+            img.backing_image().map(|b| source::qemu_len(b))
+        }
+        _ => None,
+    };
+    let (compress, cluster) = match target {
+        Target::Qcow2(img) => {
+            let q = img.qcow2();
+            let cs = q.map_or(0, |q| q.cluster_size());
+            let kind = q.map_or(CompressionType::Zlib, |q| q.header().compression_type);
+            (o.compress.then_some((kind, cs)), cs)
+        }
+        Target::Raw(_) => (None, 0),
+    };
+    if compress.is_some() && (cluster == 0 || cluster > BUF) {
+        ctx.error("invalid cluster size");
+        return 1;
+    }
 
-    let segs = match plan(o, &srcs) {
+    let params = PlanParams {
+        min_sparse: o.min_sparse,
+        buf: if compress.is_some() { cluster } else { BUF },
+        compress_cluster: compress.map(|c| c.1),
+        target_has_backing,
+        target_backing_len,
+    };
+    let segs = match plan(&params, &srcs) {
         Ok(s) => s,
         Err((off, reason)) => {
             ctx.error(format!(
@@ -1051,8 +1467,12 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             return 1;
         }
     };
-    let has_zero_init = o.target_is_zero || (!o.skip_create && o.min_sparse != 0);
-    let counted = |s: &Seg| s.status == Status::Data || o.min_sparse == 0;
+    // A new target reads as zeros (when sparse detection is on and no backing file
+    // shows through).
+    let has_zero_init =
+        o.target_is_zero || (!o.skip_create && o.min_sparse != 0 && !target_has_backing);
+    let counted =
+        |s: &Seg| s.status == Status::Data || (o.min_sparse == 0 && s.status == Status::Zero);
     let allocated: u64 = segs.iter().filter(|s| counted(s)).map(|s| s.len).sum();
     let mut starts = Vec::with_capacity(srcs.len());
     let mut acc = 0;
@@ -1063,7 +1483,7 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
     let copier = Copier {
         srcs: &srcs,
         starts: starts.clone(),
-        target: &target,
+        target,
         segs: &segs,
         min_sparse: o.min_sparse,
         alignment: if o.min_sparse == 0 {
@@ -1076,6 +1496,9 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         quiet: o.quiet,
         ctx,
         write_lock: std::sync::Mutex::new(()),
+        compress,
+        in_order: qcow2 && !o.oob_writes,
+        pool: std::sync::Mutex::new(Vec::new()),
     };
     let threads = worker_count(o.parallel as usize);
     let mut next = 0usize;
@@ -1085,9 +1508,12 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         threads,
         threads * 2,
         || {
-            // Jobs with nothing to do (zeros on a zeroed target) are not queued.
+            // Jobs with nothing to do (zeros on a zeroed target, ranges left to the
+            // backing file) are not queued.
             while let Some(j) = next_job(&segs, &mut next, &starts, o.min_sparse) {
-                if j.status == Status::Zero && o.min_sparse != 0 && has_zero_init {
+                if j.status == Status::Backing
+                    || (j.status == Status::Zero && o.min_sparse != 0 && has_zero_init)
+                {
                     continue;
                 }
                 return Ok::<_, ()>(Some(j));
@@ -1095,11 +1521,16 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             Ok(None)
         },
         Vec::<u8>::new,
-        |buf: &mut Vec<u8>, job: Job| {
-            let (first, count) = (job.first, job.count);
-            (first, count, copier.process(buf, job))
-        },
-        |(first, count, r): (usize, usize, Result<(), Failure>)| {
+        |buf: &mut Vec<u8>, job: Job| copier.work(buf, job),
+        |d: Done| {
+            let (first, count) = (d.first, d.count);
+            let mut r = d.result;
+            if r.is_ok() && !d.ops.is_empty() {
+                r = copier.execute(d.buf.as_deref().unwrap_or(&[]), &d.ops);
+            }
+            if let Some(b) = d.buf {
+                copier.give_back(b);
+            }
             let mut failed_at = None;
             for (i, s) in segs.iter().enumerate().skip(first).take(count) {
                 if let Err(f) = &r {
@@ -1137,7 +1568,39 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             Ok(true)
         },
     );
+    drop(copier);
+    if let Some(img) = qcow2_target {
+        // What the copy left in caches goes to the file now (and to the disk unless
+        // the cache mode is unsafe).
+        if let Err(e) = img.flush() {
+            if code == 0 {
+                ctx.error(format!(
+                    "Failed to flush the target image: {}",
+                    write_reason(&e)
+                ));
+                code = 1;
+            }
+        }
+    }
     code
+}
+
+/// Creates the raw target (a `-o preallocation` value, if given).
+fn create_raw_target(out_name: &str, total: u64, prealloc: Option<&str>) -> Result<(), String> {
+    let prealloc = match prealloc {
+        None | Some("off") => Prealloc::Off,
+        Some("falloc") => Prealloc::Falloc,
+        Some("full") => Prealloc::Full,
+        Some(other) => return Err(format!("invalid parameter value: {other}")),
+    };
+    create_target(out_name, total, prealloc)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "Could not create '{out_name}': {}",
+                crate::common::io_reason(&e)
+            )
+        })
 }
 
 #[cfg(test)]

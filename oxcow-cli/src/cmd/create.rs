@@ -649,7 +649,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
 
 /// `-o help`: the options of the format (and of the file protocol, when a file name
 /// is given).
-fn print_option_help(ctx: &Ctx, fmt_name: &str, filename: Option<&str>) -> u8 {
+pub(crate) fn print_option_help(ctx: &Ctx, fmt_name: &str, filename: Option<&str>) -> u8 {
     let fmt = match find_format(fmt_name) {
         Ok(f) => f,
         Err(msg) => {
@@ -898,7 +898,7 @@ fn create_raw(path: &str, size: u64, opts: &QemuOpts) -> Result<(), String> {
 /// qcow2_co_create_opts: the image file (and data file) created first, then the
 /// options turned into the driver's, checked, and the image written. Any failure
 /// after the files exist deletes them.
-fn create_qcow2(path: &str, size: u64, opts: &QemuOpts) -> Result<(), String> {
+pub(crate) fn create_qcow2(path: &str, size: u64, opts: &QemuOpts) -> Result<(), String> {
     let encryption = opts.get_bool("encryption");
     if encryption && opts.get("encrypt.format").is_some() {
         return Err(
