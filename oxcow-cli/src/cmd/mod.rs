@@ -9,6 +9,7 @@ mod dd;
 mod info;
 pub mod io;
 mod map;
+mod rebase;
 mod resize;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
@@ -25,6 +26,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "dd" => dd::run(ctx, rest),
         "create" => create::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
+        "rebase" => rebase::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
