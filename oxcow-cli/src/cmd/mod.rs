@@ -2,6 +2,7 @@
 
 use crate::common::Ctx;
 
+mod commit;
 mod compare;
 mod convert;
 mod create;
@@ -27,6 +28,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "create" => create::run(ctx, rest),
         "resize" => resize::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
+        "commit" => commit::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0

@@ -12,6 +12,7 @@ use super::Qcow2;
 use crate::error::Result;
 use crate::format::header::autoclear;
 use crate::format::header::CryptMethod;
+use crate::format::l1l2::L2Entry;
 use std::sync::atomic::Ordering;
 
 impl Qcow2 {
@@ -111,6 +112,22 @@ impl Qcow2 {
                 let old = self.decode(word, bitmap);
                 self.set_l2_words(l2, pos, 0, 0)?;
                 self.release(&mut st, old, true);
+                // Clusters of an external data file are not refcounted: QEMU passes
+                // the discard down to the data file.
+                if let Some(d) = &self.data_file {
+                    let host = match old {
+                        L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host) } => {
+                            Some(host)
+                        }
+                        L2Entry::Extended { host, alloc, .. } if alloc != 0 || host != 0 => {
+                            Some(host)
+                        }
+                        _ => None,
+                    };
+                    if let Some(h) = host {
+                        d.punch_hole(h, cs.min(size - pos))?;
+                    }
+                }
             }
             drop(st);
             self.writeback_if_needed(w)?;
