@@ -1246,6 +1246,14 @@ fn rebase_matches_qemu_img() {
         ),
         (&["rebase", "-b", "base.qcow2", "nonexist"], &[]),
         (
+            &["rebase", "-b", "mid.qcow2", "-F", "qcow2", "mid.qcow2"],
+            &["mid.qcow2"],
+        ),
+        (
+            &["rebase", "-b", "top.qcow2", "-F", "qcow2", "base.qcow2"],
+            &["base.qcow2"],
+        ),
+        (
             &[
                 "rebase",
                 "-p",

@@ -338,9 +338,28 @@ fn open_new_backing(o: &Opts, chain: &[&Image]) -> Result<NewBacking, String> {
         format,
         ..Default::default()
     };
-    Image::open(&real_path, &opts)
-        .map(NewBacking::Opened)
-        .map_err(|e| fail(crate::cmd::info::strip_os_error(&e.to_string())))
+    let img = Image::open(&real_path, &opts)
+        .map_err(|e| fail(crate::cmd::info::strip_os_error(&e.to_string())))?;
+    // The image being rebased is open for writing: QEMU's file locks refuse to open
+    // it again inside the new backing chain.
+    if let Some(me) = file_id(chain[0].filename()) {
+        for (depth, layer) in chain_of(&img).into_iter().enumerate() {
+            if file_id(layer.filename()) == Some(me) {
+                return Err(fail(format!(
+                    "{}Failed to get shared \"write\" lock\nIs another process using the image [{}]?",
+                    "Could not open backing file: ".repeat(depth),
+                    layer.filename()
+                )));
+            }
+        }
+    }
+    Ok(NewBacking::Opened(img))
+}
+
+/// The (device, inode) of a file.
+fn file_id(path: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// qemu-img's compare_buffers: whether the first `chunk` bytes differ, and how many
