@@ -40,7 +40,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd (as qemu-img)");
+            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),
