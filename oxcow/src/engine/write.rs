@@ -282,6 +282,13 @@ impl Qcow2 {
             let pos = offset + done as u64;
             let cluster = pos - pos % cs;
             let n = ((cluster + cs - pos) as usize).min(buf.len() - done);
+            if pos == cluster && n as u64 == cs {
+                let k = self.write_new_clusters(w, pos, &buf[done..])?;
+                if k > 0 {
+                    done += k;
+                    continue;
+                }
+            }
             let piece = Piece {
                 cluster,
                 start: pos - cluster,
@@ -291,6 +298,69 @@ impl Qcow2 {
             done += n;
         }
         self.writeback_if_needed(w)
+    }
+
+    /// Writes whole clusters from guest `start` (a cluster boundary) that hold no
+    /// data yet, as QEMU's handle_alloc does: as many in a row as need a new cluster
+    /// and lie in one L2 table get contiguous host clusters in one allocation and one
+    /// write. Returns the bytes written: 0 when the first cluster is not such a
+    /// cluster (it then takes the general path).
+    fn write_new_clusters(&self, w: &Writer, start: u64, data: &[u8]) -> Result<usize> {
+        let cs = self.cluster_size();
+        let h = &self.meta.header;
+        if self.data_file.is_some() {
+            return Ok(0);
+        }
+        let in_table = (h.l2_coverage() - start % h.l2_coverage()) / cs;
+        let max = (data.len() as u64 / cs).min(in_table);
+        let first = start / cs;
+        let mut st = w.state.lock();
+        if st.corrupt || st.inflight.contains(&first) {
+            return Ok(0);
+        }
+        let l2 = self.l2_for_write(&mut st, start)?;
+        let mut count = 0u64;
+        while count < max && !st.inflight.contains(&(first + count)) {
+            let (word, bitmap) = self.l2_words(l2, start + count * cs)?;
+            match self.decode(word, bitmap) {
+                L2Entry::Unallocated | L2Entry::Zero { host: None } => {}
+                L2Entry::Extended { host: 0, .. } => {}
+                _ => break,
+            }
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(0);
+        }
+        let host = self.alloc_clusters(&mut st, count)?;
+        for i in 0..count {
+            st.inflight.insert(first + i);
+        }
+        drop(st);
+        let len = (count * cs) as usize;
+        let written = self.storage.write_at(&data[..len], host);
+        let mut st = w.state.lock();
+        let res = written.map_err(Error::from).and_then(|()| {
+            let l2 = self.l2_for_write(&mut st, start)?;
+            // The whole cluster is data: every subcluster allocated, none zero.
+            let bitmap = if h.has_extended_l2() {
+                u32::MAX as u64
+            } else {
+                0
+            };
+            for i in 0..count {
+                self.set_l2_words(l2, start + i * cs, (host + i * cs) | COPIED, bitmap)?;
+            }
+            Ok(())
+        });
+        if res.is_err() {
+            st.pending_frees.push((host, count * cs, false));
+        }
+        for i in 0..count {
+            st.inflight.remove(&(first + i));
+        }
+        w.done.notify_all();
+        res.map(|()| len)
     }
 
     fn write_piece(&self, w: &Writer, p: Piece, data: &[u8]) -> Result<()> {
@@ -350,6 +420,11 @@ impl Qcow2 {
             (s0 as u64 * sc, s1 as u64 * sc)
         };
         let result = (|| -> Result<()> {
+            if p.start == b0 && p.end == b1 {
+                // The write covers all it allocates: no copy-on-write, no copy.
+                self.data_storage().write_at(data, host + b0)?;
+                return Ok(());
+            }
             let mut content = vec![0u8; (b1 - b0) as usize];
             if p.start > b0 || p.end < b1 {
                 // Copy-on-write: what the cluster reads as now.
