@@ -850,6 +850,7 @@ fn resize_matches_qemu_img() {
     f.qemu_img(&[
         "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "o.qcow2",
     ]);
+    std::fs::create_dir(f.tpl().join("sub")).unwrap();
     let s = Check::Same;
     for (args, files) in [
         (&["resize", "a.qcow2", "2M"][..], &["a.qcow2"][..]),
@@ -903,6 +904,7 @@ fn resize_matches_qemu_img() {
         (&["resize", "a.qcow2", "-x"], &[]),
         (&["resize", "-U", "a.qcow2", "2M"], &[]),
         (&["resize", "nonexist", "1M"], &[]),
+        (&["resize", "sub", "1M"], &[]),
         (&["resize", "r.raw", "2M"], &["r.raw"]),
         (&["resize", "r.raw", "+1000"], &["r.raw"]),
         (&["resize", "r.raw", "1000"], &["r.raw"]),

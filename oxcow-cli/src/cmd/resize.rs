@@ -95,6 +95,13 @@ pub(crate) fn open_writable(
         }
         return None;
     }
+    // Opened for writing, a directory fails in open(2) itself.
+    if !filename.is_empty() && std::path::Path::new(filename).is_dir() {
+        ctx.error(format!(
+            "Could not open '{filename}': Could not open '{filename}': Is a directory"
+        ));
+        return None;
+    }
     let opts = OpenOptions {
         writable: true,
         no_backing,
