@@ -46,17 +46,21 @@ pub fn discard_f(st: &mut State, argv: &[String]) -> i32 {
         return -EINVAL;
     }
     let t1 = Instant::now();
-    let size = st.image().size();
+    let size = st.disk_len();
+    // The sector tail past the end of a raw file holds nothing to discard.
+    let real = st.image().size();
     let res = if bytes > size || offset > size - bytes {
         Err(-EIO)
-    } else if bytes == 0 || !st.mode.unmap {
+    } else if bytes == 0 || !st.mode.unmap || offset >= real {
         // discard=ignore: accepted, nothing done.
         Ok(())
     } else {
         // Not flushed, even with the write cache off: QEMU sends no FUA with a
         // discard, so a crash right after one may lose it.
         st.dirty = true;
-        st.image().discard(offset, bytes).map_err(|e| -errno_of(&e))
+        st.image()
+            .discard(offset, bytes.min(real - offset))
+            .map_err(|e| -errno_of(&e))
     };
     let t = t1.elapsed();
     if let Err(rc) = res {
@@ -138,6 +142,7 @@ pub fn truncate_f(st: &mut State, argv: &[String]) -> i32 {
         Err("Preallocation can't be used for shrinking an image".to_string())
     } else {
         img.resize(offset, true, prealloc)
+            .and_then(|()| zero_over_backing(img, old, offset))
             .map_err(|e| e.to_string())
     };
     match res {
@@ -155,9 +160,21 @@ pub fn truncate_f(st: &mut State, argv: &[String]) -> i32 {
     }
 }
 
+/// QEMU's `bdrv_co_truncate()`: when an image grows over a backing file that reaches
+/// past its old end, the new area is zeroed, so that the backing file does not show
+/// through it.
+fn zero_over_backing(img: &oxcow::Image, old: u64, new: u64) -> oxcow::Result<()> {
+    let backing_len = img.backing_image().map_or(0, |b| b.size());
+    if new > old && backing_len > old {
+        img.write_zeroes(old, new - old, false)?;
+        img.flush()?;
+    }
+    Ok(())
+}
+
 /// `length`.
 pub fn length_f(st: &mut State, _argv: &[String]) -> i32 {
-    let size = st.image().size();
+    let size = st.disk_len();
     st.print(&format!("{}\n", cvtstr(size as f64)));
     0
 }
@@ -237,7 +254,7 @@ pub fn info_f(st: &mut State, _argv: &[String]) -> i32 {
 /// bytes at `offset` (data or zeros), and for how many bytes (0 at the end).
 fn is_allocated(st: &State, offset: u64, bytes: u64) -> Result<(bool, u64), i32> {
     let img = st.image();
-    let size = img.size();
+    let size = st.disk_len();
     if offset >= size || bytes == 0 {
         return Ok((false, 0));
     }
@@ -254,7 +271,7 @@ fn is_allocated(st: &State, offset: u64, bytes: u64) -> Result<(bool, u64), i32>
 pub fn map_f(st: &mut State, _argv: &[String]) -> i32 {
     st.poll();
     let mut offset = 0u64;
-    let mut bytes = st.image().size();
+    let mut bytes = st.disk_len();
     while bytes > 0 {
         // map_is_allocated(): runs of the same answer are merged.
         let (first, mut num) = match is_allocated(st, offset, bytes) {
@@ -390,7 +407,7 @@ pub fn open_f(st: &mut State, argv: &[String]) -> i32 {
                 st.error_report("open -C (copy-on-read) is not supported by oxcow");
                 return -ENOTSUP;
             }
-            // -U: oxcow takes no image locks.
+            "U" => mode.force_share = true,
             _ => {}
         }
     }

@@ -20,7 +20,7 @@ mod table;
 
 use args::{EINVAL, EPERM};
 use out::Out;
-use oxcow::{Format, Image};
+use oxcow::{BlockDevice, Format, Image};
 use std::io::BufRead;
 use table::CmdInfo;
 
@@ -45,6 +45,8 @@ pub struct Mode {
     /// oxcow, which does its I/O synchronously; QEMU's refusal of aio=native without
     /// cache.direct is kept.
     pub native_aio: bool,
+    /// -U: oxcow takes no image locks, but QEMU allows sharing only read-only.
+    pub force_share: bool,
 }
 
 impl Default for Mode {
@@ -56,6 +58,7 @@ impl Default for Mode {
             direct: false,
             unmap: true,
             native_aio: false,
+            force_share: false,
         }
     }
 }
@@ -112,22 +115,20 @@ impl Mode {
     }
 }
 
-/// A completion report held back (see the module documentation).
-struct Pending {
-    text: String,
-    waits: u32,
-}
-
 /// The session: the open image and everything the commands share.
 pub struct State {
     pub prog: String,
     pub img: Option<Image>,
     pub mode: Mode,
     pub out: Out,
-    pending: Vec<Pending>,
+    /// Completion reports held back (see the module documentation).
+    pending: Vec<String>,
     pub quit: bool,
     /// Something was written since the last flush (a flush then waits for I/O).
     pub dirty: bool,
+    /// The image was probed as raw and opened for writing: QEMU then refuses writes
+    /// that would make its first sector probe as another format.
+    pub probed_raw: bool,
 }
 
 impl State {
@@ -140,6 +141,7 @@ impl State {
             pending: Vec::new(),
             quit: false,
             dirty: false,
+            probed_raw: false,
         }
     }
 
@@ -160,34 +162,14 @@ impl State {
 
     /// Holds back the completion report of an asynchronous request.
     pub fn defer(&mut self, text: String) {
-        self.pending.push(Pending { text, waits: 0 });
+        self.pending.push(text);
     }
 
-    /// The main loop runs: every held-back completion is reported, the latest first
-    /// (QEMU's bottom halves run in that order).
+    /// The main loop runs: every held-back completion is reported, in the order the
+    /// requests were made (in QEMU, in the order they happen to finish).
     pub fn poll(&mut self) {
-        while let Some(p) = self.pending.pop() {
-            self.out.put(&p.text);
-        }
-    }
-
-    /// The wait before reading the next line of standard input: completions of
-    /// requests issued before the previous command are reported.
-    fn main_loop_wait(&mut self) {
-        if self.pending.iter().any(|p| p.waits > 0) {
-            let mut keep = Vec::new();
-            for p in std::mem::take(&mut self.pending).into_iter().rev() {
-                if p.waits > 0 {
-                    self.out.put(&p.text);
-                } else {
-                    keep.push(p);
-                }
-            }
-            keep.reverse();
-            self.pending = keep;
-        }
-        for p in &mut self.pending {
-            p.waits += 1;
+        for p in std::mem::take(&mut self.pending) {
+            self.out.put(&p);
         }
     }
 
@@ -202,9 +184,22 @@ impl State {
             self.error_report("can't open: A block device must be specified for \"file\"");
             return false;
         };
+        if mode.force_share && !mode.read_only {
+            self.error_report(&format!(
+                "can't open device {name}: force-share=on can only be used with read-only images"
+            ));
+            return false;
+        }
         if mode.native_aio && !mode.direct {
             self.error_report(&format!(
                 "can't open device {name}: aio=native was specified, but it requires cache.direct=on, which was not specified."
+            ));
+            return false;
+        }
+        // Opening a directory for writing fails before the file driver looks at it.
+        if !mode.read_only && std::path::Path::new(name).is_dir() {
+            self.error_report(&format!(
+                "can't open device {name}: Could not open '{name}': Is a directory"
             ));
             return false;
         }
@@ -214,6 +209,15 @@ impl State {
         };
         match crate::common::open_image(name, format, &opts) {
             Ok(img) => {
+                self.probed_raw = format.is_none() && is_raw(&img) && !mode.read_only;
+                if self.probed_raw {
+                    self.eprint(&format!(
+                        "WARNING: Image format was not specified for '{name}' and probing guessed raw.
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+         Specify the 'raw' format explicitly to remove the restrictions.
+"
+                    ));
+                }
                 self.img = Some(img);
                 self.mode = mode;
                 self.dirty = false;
@@ -289,6 +293,17 @@ impl State {
             self.print(&line);
         }
         -EINVAL
+    }
+
+    /// The length of the disk as QEMU sees it: a raw file counts in whole 512-byte
+    /// sectors (the bytes past its end read as zeros).
+    pub fn disk_len(&self) -> u64 {
+        let img = self.image();
+        if is_raw(img) {
+            img.size().next_multiple_of(512)
+        } else {
+            img.size()
+        }
     }
 
     /// The image, for commands that run only with one open.
@@ -397,9 +412,10 @@ pub fn run_as(prog: &str, args: &[String]) -> u8 {
                 }
             }
             "k" => mode.native_aio = true,
-            // Buffer alignment, tracing, secrets and image locking do not exist in
-            // oxcow: the options are accepted and change nothing.
-            "m" | "T" | "object" | "U" => {}
+            "U" => mode.force_share = true,
+            // Buffer alignment, tracing and secrets do not exist in oxcow: the
+            // options are accepted and change nothing.
+            "m" | "T" | "object" => {}
             "s" => {
                 st.error_report("-s (snapshot mode) is not supported by oxcow");
                 return 1;
@@ -473,7 +489,8 @@ fn stdin_loop(st: &mut State) -> i32 {
     while !st.quit {
         st.print(&prompt);
         st.out.flush();
-        st.main_loop_wait();
+        // The main loop waits for input: outstanding requests complete meanwhile.
+        st.poll();
         let Some(line) = fetch_line(&mut input) else {
             if tty {
                 st.print("\n");

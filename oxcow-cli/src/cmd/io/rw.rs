@@ -27,7 +27,7 @@ pub fn strerror(errno: i32) -> String {
 
 /// `blk_check_byte_request()`: a request past the end of the disk fails with EIO.
 fn check_request(st: &State, offset: u64, bytes: u64) -> Result<(), i32> {
-    let size = st.image().size();
+    let size = st.disk_len();
     if bytes > size || offset > size - bytes {
         return Err(-EIO);
     }
@@ -38,8 +38,8 @@ fn check_request(st: &State, offset: u64, bytes: u64) -> Result<(), i32> {
 /// the completions of earlier asynchronous requests meanwhile.
 fn reads_data(st: &State, mut off: u64, len: u64) -> bool {
     let img = st.image();
-    let end = off.saturating_add(len);
-    if end > img.size() {
+    let end = off.saturating_add(len).min(img.size());
+    if off.saturating_add(len) > st.disk_len() {
         return false;
     }
     while off < end {
@@ -54,10 +54,55 @@ fn reads_data(st: &State, mut off: u64, len: u64) -> bool {
 
 fn do_read(st: &mut State, buf: &mut [u8], offset: u64) -> Result<(), i32> {
     check_request(st, offset, buf.len() as u64)?;
-    if buf.is_empty() {
+    // The sector tail past the end of a raw file reads as zeros.
+    let real = st.image().size();
+    let n = real.saturating_sub(offset).min(buf.len() as u64) as usize;
+    buf[n..].fill(0);
+    if n == 0 {
         return Ok(());
     }
-    st.image().read_at(buf, offset).map_err(|e| -errno_of(&e))
+    st.image()
+        .read_at(&mut buf[..n], offset)
+        .map_err(|e| -errno_of(&e))
+}
+
+/// Whether a first sector would make QEMU probe the image as something other than
+/// raw (the formats whose magic QEMU recognises in it).
+fn probes_as_image(sector: &[u8]) -> bool {
+    let be32 = |at: usize| {
+        sector
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let magics: [&[u8]; 6] = [
+        b"QED\0",
+        b"LUKS\xba\xbe",
+        b"KDMV",
+        b"COWD",
+        b"conectix",
+        b"vhdxfile",
+    ];
+    (sector.starts_with(b"QFI\xfb") && be32(4) >= 1) || magics.iter().any(|m| sector.starts_with(m))
+}
+
+/// QEMU's protection of an image probed as raw: a write that would make its first
+/// sector look like another format's header is refused.
+fn check_probed_write(st: &State, buf: &[u8], offset: u64) -> Result<(), i32> {
+    if !st.probed_raw || offset >= 512 || buf.is_empty() {
+        return Ok(());
+    }
+    let img = st.image();
+    let mut sector = vec![0u8; 512];
+    let n = img.size().min(512) as usize;
+    img.read_at(&mut sector[..n], 0)
+        .map_err(|e| -errno_of(&e))?;
+    let o = offset as usize;
+    let k = buf.len().min(512 - o);
+    sector[o..o + k].copy_from_slice(&buf[..k]);
+    if probes_as_image(&sector) {
+        return Err(-libc::EPERM);
+    }
+    Ok(())
 }
 
 /// A finished write: flushed at once with FUA or when the write cache is off
@@ -71,8 +116,21 @@ fn written(st: &mut State, fua: bool) -> Result<(), i32> {
     Ok(())
 }
 
+/// A write into the sector tail past the end of a raw file extends the file, as
+/// QEMU's pwrite does.
+fn grow_raw_file(st: &State, end: u64) -> Result<(), i32> {
+    let img = st.image();
+    if super::is_raw(img) && end > img.size() {
+        img.resize(end, false, oxcow::Preallocation::Off)
+            .map_err(|e| -errno_of(&e))?;
+    }
+    Ok(())
+}
+
 fn do_write(st: &mut State, buf: &[u8], offset: u64, fua: bool) -> Result<(), i32> {
     check_request(st, offset, buf.len() as u64)?;
+    check_probed_write(st, buf, offset)?;
+    grow_raw_file(st, offset + buf.len() as u64)?;
     if !buf.is_empty() {
         st.image()
             .write_at(buf, offset)
@@ -95,53 +153,78 @@ fn known_zero(st: &State, mut off: u64, len: u64) -> Result<bool, i32> {
     Ok(true)
 }
 
-/// How QEMU's block layer and qcow2 driver carry out a zero write on a qcow2 v3
-/// image (`bdrv_co_do_pwrite_zeroes()`, `qcow2_co_pwrite_zeroes()`): the request is
-/// cut at (sub)cluster boundaries into a head, a middle and a tail, done in that
-/// order. A partial piece whose (sub)cluster holds no data and otherwise already
-/// reads as zeros is widened to the whole (sub)cluster, which then gets the zero
-/// flag (and so counts as allocated); any other partial piece takes the slow
-/// fallback of writing zero bytes, or fails with -n. Each piece is `(start, end,
-/// needs_fallback)`.
-fn zero_pieces(st: &State, offset: u64, bytes: u64) -> Result<Vec<(u64, u64, bool)>, i32> {
+/// The next step of a zero write, as QEMU's block layer and qcow2 driver take it.
+enum ZeroStep {
+    /// Zero `start..end` with zero flags.
+    Zero(u64, u64),
+    /// A partial piece needing the slow fallback of writing zero bytes (refused
+    /// with -n).
+    Fallback(u64, u64),
+    /// With -n, zero `start..mid`, then fail; otherwise zero `start..end`.
+    ZeroThenFail(u64, u64, u64),
+}
+
+/// How QEMU carries out a zero write on a qcow2 v3 image
+/// (`bdrv_co_do_pwrite_zeroes()`, `qcow2_co_pwrite_zeroes()`,
+/// `qcow2_subcluster_zeroize()`): the request is cut at (sub)cluster boundaries into
+/// a head, a middle and a tail, done in that order. A partial piece whose
+/// (sub)cluster holds no data and otherwise already reads as zeros is widened to the
+/// whole (sub)cluster, which then gets the zero flag (and so counts as allocated);
+/// any other partial piece takes the slow fallback of writing zero bytes. With
+/// extended L2 entries, part of a compressed cluster cannot take zero flags either.
+/// Returns the step starting at `offset` of the request ending at `end`.
+fn next_zero_step(st: &State, offset: u64, end: u64) -> Result<ZeroStep, i32> {
     let img = st.image();
-    let end = offset + bytes;
     let Some(q) = img.qcow2() else {
-        return Ok(vec![(offset, end, false)]);
+        return Ok(ZeroStep::Zero(offset, end));
     };
-    let g = if q.header().has_extended_l2() {
-        q.cluster_size() / 32
-    } else {
-        q.cluster_size()
-    };
+    let cs = q.cluster_size();
+    let ext = q.header().has_extended_l2();
+    let g = if ext { cs / 32 } else { cs };
     let size = img.size();
-    let mut cuts = vec![offset];
-    let head_end = offset.next_multiple_of(g);
-    if !offset.is_multiple_of(g) && head_end < end {
-        cuts.push(head_end);
-    }
-    let tail_start = end - end % g;
-    if tail_start > *cuts.last().unwrap_or(&offset) && tail_start < end {
-        cuts.push(tail_start);
-    }
-    cuts.push(end);
-    let mut pieces = Vec::new();
-    for w in cuts.windows(2) {
-        let (s, e) = (w[0], w[1]);
-        let partial = !s.is_multiple_of(g) || (!e.is_multiple_of(g) && e != size);
-        if !partial {
-            pieces.push((s, e, false));
-            continue;
-        }
-        let gs = s - s % g;
+    let partial_head = !offset.is_multiple_of(g);
+    let e = if partial_head {
+        end.min(offset.next_multiple_of(g))
+    } else if end == size || end - offset < g {
+        end
+    } else {
+        end - end % g
+    };
+    if partial_head || (!e.is_multiple_of(g) && e != size) {
+        let gs = offset - offset % g;
         let ge = if e == size { e } else { e.next_multiple_of(g) };
         let ls = img.layer_status(gs, ge - gs).map_err(|e| -errno_of(&e))?;
         let fits = ls.kind != StatusKind::Data
-            && known_zero(st, gs, s - gs)?
+            && known_zero(st, gs, offset - gs)?
             && known_zero(st, e, ge - e)?;
-        pieces.push(if fits { (gs, ge, false) } else { (s, e, true) });
+        return Ok(if fits {
+            ZeroStep::Zero(gs, ge)
+        } else {
+            ZeroStep::Fallback(offset, e)
+        });
     }
-    Ok(pieces)
+    if ext {
+        let compressed = |at: u64| -> Result<bool, i32> {
+            let c = at - at % cs;
+            let ls = img
+                .layer_status(c, cs.min(size - c))
+                .map_err(|e| -errno_of(&e))?;
+            Ok(ls.compressed)
+        };
+        // A partial cluster at either end of the aligned part.
+        if !offset.is_multiple_of(cs) && compressed(offset)? {
+            return Ok(ZeroStep::Fallback(offset, e));
+        }
+        let tail = e - e % cs;
+        if e != size && !e.is_multiple_of(cs) && compressed(tail)? {
+            return Ok(if tail <= offset {
+                ZeroStep::Fallback(offset, e)
+            } else {
+                ZeroStep::ZeroThenFail(offset, tail, e)
+            });
+        }
+    }
+    Ok(ZeroStep::Zero(offset, e))
 }
 
 fn do_zeroes(
@@ -153,35 +236,54 @@ fn do_zeroes(
     fua: bool,
 ) -> Result<(), i32> {
     check_request(st, offset, bytes)?;
+    // Zeroing the sector tail past the end of a raw file extends the file, but
+    // unmapping it does not (it reads as zeros already).
+    let unmap = unmap && st.mode.unmap;
+    let bytes = if unmap {
+        bytes.min(st.image().size().saturating_sub(offset))
+    } else {
+        grow_raw_file(st, offset + bytes)?;
+        bytes
+    };
     if bytes > 0 {
-        let img = st.image();
-        let v2 = img.qcow2().is_some_and(|q| q.header().version < 3);
+        let zero = |st: &State, s: u64, e: u64| {
+            st.image()
+                .write_zeroes(s, e - s, unmap)
+                .map_err(|e| -errno_of(&e))
+        };
+        let v2 = st.image().qcow2().is_some_and(|q| q.header().version < 3);
         if v2 {
-            // Version 2 has no zero flag: QEMU's fallback writes zero bytes.
+            // Version 2 has no zero flag: QEMU has only the slow fallback.
             if no_fallback {
                 return Err(-ENOTSUP);
             }
-            let zeros = vec![0u8; bytes.min(1 << 20) as usize];
-            let mut done = 0;
-            while done < bytes {
-                let n = (bytes - done).min(zeros.len() as u64) as usize;
-                img.write_at(&zeros[..n], offset + done)
-                    .map_err(|e| -errno_of(&e))?;
-                done += n as u64;
-            }
+            zero(st, offset, offset + bytes)?;
         } else {
-            let unmap = unmap && st.mode.unmap;
-            // Each piece is looked at once the previous one is done, as QEMU does.
+            // Each step is decided once the previous one is done, as in QEMU.
+            let end = offset + bytes;
             let mut pos = offset;
-            while pos < offset + bytes {
-                let (s, e, fallback) = zero_pieces(st, pos, offset + bytes - pos)?[0];
-                if fallback && no_fallback {
-                    return Err(-ENOTSUP);
-                }
-                st.image()
-                    .write_zeroes(s, e - s, unmap)
-                    .map_err(|e| -errno_of(&e))?;
-                pos = e;
+            while pos < end {
+                pos = match next_zero_step(st, pos, end)? {
+                    ZeroStep::Zero(s, e) => {
+                        zero(st, s, e)?;
+                        e
+                    }
+                    ZeroStep::Fallback(s, e) => {
+                        if no_fallback {
+                            return Err(-ENOTSUP);
+                        }
+                        zero(st, s, e)?;
+                        e
+                    }
+                    ZeroStep::ZeroThenFail(s, mid, e) => {
+                        if no_fallback {
+                            zero(st, s, mid)?;
+                            return Err(-ENOTSUP);
+                        }
+                        zero(st, s, e)?;
+                        e
+                    }
+                };
             }
         }
     }
