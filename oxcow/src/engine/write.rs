@@ -406,6 +406,17 @@ impl Qcow2 {
             _ if self.data_file.is_some() => (p.cluster, false),
             _ => (self.alloc_clusters(&mut st, 1)?, true),
         };
+        // A new cluster at or past the end of the file already reads as zeros. When
+        // the rest of the cluster must read as zeros too (no backing file shows
+        // through), only the new bytes are written, after the cluster is reserved
+        // (so that it is not left sparse), as QEMU does with a zero-range write
+        // instead of copying zeros. Decided under the lock: nobody else writes this
+        // cluster, and nothing past the end of the file can appear in it.
+        let zero_cow = fresh
+            && !ext
+            && self.backing.is_none()
+            && matches!(old, L2Entry::Unallocated | L2Entry::Zero { .. })
+            && self.storage.len().is_ok_and(|end| host >= end);
         st.inflight.insert(gidx);
         drop(st);
 
@@ -423,6 +434,11 @@ impl Qcow2 {
             if p.start == b0 && p.end == b1 {
                 // The write covers all it allocates: no copy-on-write, no copy.
                 self.data_storage().write_at(data, host + b0)?;
+                return Ok(());
+            }
+            if zero_cow {
+                self.data_storage().preallocate(host, cs, false)?;
+                self.data_storage().write_at(data, host + p.start)?;
                 return Ok(());
             }
             let mut content = vec![0u8; (b1 - b0) as usize];
