@@ -9,29 +9,48 @@ use crate::format::compressed::CompressedDescriptor;
 use crate::format::header::CompressionType;
 use crate::format::l1l2::L2Entry;
 
+thread_local! {
+    /// Each thread's compressors, kept between clusters: setting one up costs more
+    /// than compressing a cluster with zstd (the output does not depend on reuse).
+    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
+        const { std::cell::RefCell::new(None) };
+    static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Compresses one cluster. `None` when the result would not be smaller than the
 /// cluster (such clusters are written uncompressed, as QEMU does).
 pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = data.len().saturating_sub(1);
     let out = match kind {
-        CompressionType::Zlib => {
+        CompressionType::Zlib => DEFLATE.with(|cell| {
+            let mut slot = cell.borrow_mut();
             // Raw deflate with a 4 KiB window: QEMU inflates with a 4 KiB window, so
             // a stream that reaches further back would not read in QEMU.
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let c = slot.get_or_insert_with(|| {
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
+            });
+            c.reset();
             let mut out = Vec::with_capacity(limit);
             let status = c
                 .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
                 .map_err(|e| Error::Unsupported(format!("deflate failed: {e}")))?;
-            if status != flate2::Status::StreamEnd {
-                return Ok(None);
-            }
-            out
-        }
-        CompressionType::Zstd => zstd::bulk::compress(data, zstd::DEFAULT_COMPRESSION_LEVEL)
-            .map_err(|e| Error::Unsupported(format!("zstd compression failed: {e}")))?,
+            Ok::<_, Error>((status == flate2::Status::StreamEnd).then_some(out))
+        })?,
+        CompressionType::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            let fail =
+                |e: std::io::Error| Error::Unsupported(format!("zstd compression failed: {e}"));
+            let c = match slot.as_mut() {
+                Some(c) => c,
+                None => slot.insert(
+                    zstd::bulk::Compressor::new(zstd::DEFAULT_COMPRESSION_LEVEL).map_err(fail)?,
+                ),
+            };
+            c.compress(data).map(Some).map_err(fail)
+        })?,
     };
-    Ok((out.len() <= limit).then_some(out))
+    Ok(out.filter(|o| o.len() <= limit))
 }
 
 impl Qcow2 {
@@ -165,5 +184,42 @@ impl Qcow2 {
             offset + len
         };
         Ok(offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reused compressor gives the bytes a fresh one gives.
+    #[test]
+    fn reuse_gives_the_same_bytes() {
+        let text: Vec<u8> = (0..65536u32)
+            .map(|i| b"the quick brown fox "[(i % 20) as usize] ^ (i / 4096) as u8)
+            .collect();
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..65536)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for data in [&text, &noise, &text] {
+            let z = compress_cluster(CompressionType::Zlib, data).unwrap();
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut fresh = Vec::with_capacity(data.len() - 1);
+            let st = c
+                .compress_vec(data, &mut fresh, flate2::FlushCompress::Finish)
+                .unwrap();
+            assert_eq!(z, (st == flate2::Status::StreamEnd).then_some(fresh));
+            let s = compress_cluster(CompressionType::Zstd, data).unwrap();
+            let fresh = zstd::bulk::compress(data, zstd::DEFAULT_COMPRESSION_LEVEL).unwrap();
+            assert_eq!(s, (fresh.len() < data.len()).then_some(fresh));
+        }
+        assert!(compress_cluster(CompressionType::Zlib, &noise).unwrap().is_none());
+        assert!(compress_cluster(CompressionType::Zstd, &text).unwrap().is_some());
     }
 }
