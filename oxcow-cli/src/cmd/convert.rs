@@ -1506,7 +1506,7 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
     let mut code = 0u8;
     let _ = run_ordered(
         threads,
-        threads * 2,
+        (threads * 4).max(16),
         || {
             // Jobs with nothing to do (zeros on a zeroed target, ranges left to the
             // backing file) are not queued.
