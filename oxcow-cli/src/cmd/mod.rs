@@ -2,6 +2,7 @@
 
 use crate::common::Ctx;
 
+mod bench;
 mod commit;
 mod compare;
 mod convert;
@@ -21,6 +22,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     match cmd.as_str() {
         "info" => info::run(ctx, rest),
         "io" => io::run(ctx, rest),
+        "bench" => bench::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
