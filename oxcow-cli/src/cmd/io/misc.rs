@@ -180,8 +180,9 @@ pub fn length_f(st: &mut State, _argv: &[String]) -> i32 {
 }
 
 /// `ImageInfoSpecificQCow2` (as `qemu-img info` shows it; encrypted images never
-/// open in oxcow, so there is no encryption member).
-fn qcow2_specific(meta: &oxcow::engine::meta::ImageMeta) -> Value {
+/// open in oxcow, so there is no encryption member). QEMU marks every bitmap in use
+/// while it has the image open for writing.
+fn qcow2_specific(meta: &oxcow::engine::meta::ImageMeta, writable: bool) -> Value {
     let h = &meta.header;
     let mut d = Map::new();
     if h.version == 2 {
@@ -205,7 +206,7 @@ fn qcow2_specific(meta: &oxcow::engine::meta::ImageMeta) -> Value {
             .iter()
             .map(|b| {
                 let mut flags = Vec::new();
-                if b.in_use() {
+                if b.in_use() || writable {
                     flags.push(Value::from("in-use"));
                 }
                 if b.auto() {
@@ -240,7 +241,7 @@ pub fn info_f(st: &mut State, _argv: &[String]) -> i32 {
                 cvtstr(cs as f64),
                 cvtstr(vm as f64)
             ));
-            let data = qcow2_specific(q.meta());
+            let data = qcow2_specific(q.meta(), q.is_writable());
             s.push_str("Format specific information:\n");
             crate::qjson::dump_qobject(&mut s, 1, &data);
         }

@@ -218,6 +218,12 @@ impl State {
 "
                     ));
                 }
+                if let Some(q) = img.qcow2() {
+                    let ctx = crate::common::Ctx {
+                        prog: self.prog.clone(),
+                    };
+                    super::info::warn_stale_bitmaps(&ctx, q.meta());
+                }
                 self.img = Some(img);
                 self.mode = mode;
                 self.dirty = false;

@@ -2,7 +2,7 @@
 //! file), writev, and their asynchronous forms aio_read, aio_write, aio_flush.
 
 use super::args::{
-    cvtnum, cvtnum_error, getopt, parse_pattern, EINVAL, EIO, ENOTSUP, ERANGE, REQUEST_MAX_BYTES,
+    cvtnum, cvtnum_error, getopt, parse_pattern, EINVAL, EIO, ENOTSUP, REQUEST_MAX_BYTES,
 };
 use super::out::{dump_buffer, report};
 use super::State;
@@ -777,11 +777,7 @@ pub fn write_f(st: &mut State, argv: &[String]) -> i32 {
         // The VM state area of qcow2 images is not implemented in oxcow.
         Err(-ENOTSUP)
     } else if zflag {
-        if count > i32::MAX as u64 {
-            Err(-ERANGE)
-        } else {
-            do_zeroes(st, offset, count, may_unmap, no_fallback, fua)
-        }
+        do_zeroes(st, offset, count, may_unmap, no_fallback, fua)
     } else if cflag {
         do_write_compressed(st, &buf, offset)
     } else {
