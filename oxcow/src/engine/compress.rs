@@ -10,33 +10,44 @@ use crate::format::header::CompressionType;
 use crate::format::l1l2::L2Entry;
 
 thread_local! {
-    /// Each thread's compressors, kept between clusters: setting one up costs more
-    /// than compressing a cluster with zstd (the output does not depend on reuse).
-    static DEFLATE: std::cell::RefCell<Option<flate2::Compress>> =
-        const { std::cell::RefCell::new(None) };
+    /// Each thread's zstd compressor, kept between clusters: setting one up costs
+    /// more than compressing a cluster (the output does not depend on reuse).
     static ZSTD: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
         const { std::cell::RefCell::new(None) };
 }
+
+/// QEMU's deflate parameters (qcow2_zlib_compress): default level, raw deflate
+/// with a 4 KiB window (QEMU inflates with a 4 KiB window, so a stream that reaches
+/// further back would not read in QEMU), memory level 9.
+const DEFLATE: zlib_rs::DeflateConfig = zlib_rs::DeflateConfig {
+    level: 6,
+    method: zlib_rs::Method::Deflated,
+    window_bits: -12,
+    mem_level: 9,
+    strategy: zlib_rs::Strategy::Default,
+};
 
 /// Compresses one cluster. `None` when the result would not be smaller than the
 /// cluster (such clusters are written uncompressed, as QEMU does).
 pub fn compress_cluster(kind: CompressionType, data: &[u8]) -> Result<Option<Vec<u8>>> {
     let limit = data.len().saturating_sub(1);
     let out = match kind {
-        CompressionType::Zlib => DEFLATE.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            // Raw deflate with a 4 KiB window: QEMU inflates with a 4 KiB window, so
-            // a stream that reaches further back would not read in QEMU.
-            let c = slot.get_or_insert_with(|| {
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12)
-            });
-            c.reset();
-            let mut out = Vec::with_capacity(limit);
-            let status = c
-                .compress_vec(data, &mut out, flate2::FlushCompress::Finish)
-                .map_err(|e| Error::Unsupported(format!("deflate failed: {e}")))?;
-            Ok::<_, Error>((status == flate2::Status::StreamEnd).then_some(out))
-        })?,
+        CompressionType::Zlib => {
+            let mut out = vec![0u8; limit];
+            let (c, rc) = zlib_rs::compress_slice(&mut out, data, DEFLATE);
+            match rc {
+                zlib_rs::ReturnCode::Ok => {
+                    let n = c.len();
+                    out.truncate(n);
+                    Some(out)
+                }
+                // The output does not fit in less than a cluster.
+                zlib_rs::ReturnCode::BufError => None,
+                other => {
+                    return Err(Error::Unsupported(format!("deflate failed: {other:?}")));
+                }
+            }
+        }
         CompressionType::Zstd => ZSTD.with(|cell| {
             let mut slot = cell.borrow_mut();
             let fail =
@@ -206,20 +217,28 @@ mod tests {
                 x as u8
             })
             .collect();
+        let mut first = Vec::new();
         for data in [&text, &noise, &text] {
             let z = compress_cluster(CompressionType::Zlib, data).unwrap();
-            let mut c =
-                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
-            let mut fresh = Vec::with_capacity(data.len() - 1);
-            let st = c
-                .compress_vec(data, &mut fresh, flate2::FlushCompress::Finish)
-                .unwrap();
-            assert_eq!(z, (st == flate2::Status::StreamEnd).then_some(fresh));
+            if let Some(z) = &z {
+                // Raw deflate that inflates back with a 4 KiB window.
+                let mut d = flate2::Decompress::new_with_window_bits(false, 12);
+                let mut back = Vec::with_capacity(data.len());
+                d.decompress_vec(z, &mut back, flate2::FlushDecompress::Finish)
+                    .unwrap();
+                assert_eq!(&back, data);
+            }
+            first.push(z);
             let s = compress_cluster(CompressionType::Zstd, data).unwrap();
             let fresh = zstd::bulk::compress(data, zstd::DEFAULT_COMPRESSION_LEVEL).unwrap();
             assert_eq!(s, (fresh.len() < data.len()).then_some(fresh));
         }
-        assert!(compress_cluster(CompressionType::Zlib, &noise).unwrap().is_none());
-        assert!(compress_cluster(CompressionType::Zstd, &text).unwrap().is_some());
+        assert_eq!(first[0], first[2]);
+        assert!(compress_cluster(CompressionType::Zlib, &noise)
+            .unwrap()
+            .is_none());
+        assert!(compress_cluster(CompressionType::Zstd, &text)
+            .unwrap()
+            .is_some());
     }
 }
