@@ -6,12 +6,9 @@
 # raw (several interleaved runs, median) and prints a table with the wall-clock and
 # CPU times and the ratios oxcow/qemu-img (below 1: oxcow is faster).
 #
-# The mix, in 32 regions of 64 MiB (region i):
-#   i % 3 == 0  zeros: never written, so unallocated in the qcow2 image   (11 regions, 704 MiB)
-#   i % 3 == 1  random bytes from /dev/urandom: incompressible data        (11 regions, 704 MiB)
-#   i % 3 == 2  compressible text (numbered lines, ~5:1 with zlib); the last
-#               128 KiB of every MiB is zeros, which qemu-img leaves
-#               unallocated when it converts the raw file to qcow2           (10 regions, 640 MiB)
+# The mix (built by bench/mixed_image.sh), in 32 regions of 64 MiB: zeros (never
+# written, so unallocated in the qcow2 image), random bytes from /dev/urandom, and
+# compressible text whose last 128 KiB of every MiB is zeros.
 #
 # Environment:
 #   BENCH_DIR   scratch directory (default: a new directory under /tmp, removed at exit)
@@ -24,6 +21,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/bench/mixed_image.sh"
 OXCOW=${OXCOW:-$here/target/release/oxcow}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 RUNS=${RUNS:-7}
@@ -50,30 +48,7 @@ mib=$((1 << 20))
 region=$((64 * mib))
 if [ ! -f "$dir/mixed.qcow2" ]; then
     echo "building the 2 GiB mixed image in $dir ..." >&2
-    truncate -s 2G "$dir/mixed.raw"
-    text=$(mktemp "$dir/text.XXXXXX")
-    # One MiB of compressible text then 128 KiB of zeros, repeated for a region.
-    python3 - "$text" <<'PY'
-import sys
-mib = 1 << 20
-lines = []
-n = 0
-out = bytearray()
-while len(out) < mib - 128 * 1024:
-    out += b"%08d the quick brown fox jumps over the lazy dog %d\n" % (n, n * 7919 % 1000)
-    n += 1
-block = bytes(out[: mib - 128 * 1024]) + bytes(128 * 1024)
-with open(sys.argv[1], "wb") as f:
-    f.write(block * 64)
-PY
-    for i in $(seq 0 31); do
-        case $((i % 3)) in
-            0) ;;
-            1) dd if=/dev/urandom of="$dir/mixed.raw" bs=1M count=64 seek=$((i * 64)) conv=notrunc status=none ;;
-            2) dd if="$text" of="$dir/mixed.raw" bs=1M count=64 seek=$((i * 64)) conv=notrunc status=none ;;
-        esac
-    done
-    rm -f "$text"
+    make_mixed_raw "$dir"
     "$QEMU_IMG" convert -f raw -O qcow2 "$dir/mixed.raw" "$dir/mixed.qcow2"
     "$QEMU_IMG" convert -c -f qcow2 -O qcow2 -o compression_type=zlib "$dir/mixed.qcow2" "$dir/mixed-zlib.qcow2"
     "$QEMU_IMG" convert -c -f qcow2 -O qcow2 -o compression_type=zstd "$dir/mixed.qcow2" "$dir/mixed-zstd.qcow2"
