@@ -377,6 +377,9 @@ struct State {
     in_flight: u64,
     /// Draining for a flush: no request may be issued.
     draining: bool,
+    /// Requests issued in a batch (the first one, and after each drained flush),
+    /// waiting for their worker: one slot per worker.
+    batch: Vec<Option<u64>>,
     /// When the last request completed.
     finished: Option<Instant>,
     /// The first error, as qemu-img prints it.
@@ -427,26 +430,48 @@ impl Shared<'_> {
         r.map_err(|e| format!("Failed request: {}", error_reason(&e)))
     }
 
-    /// A worker: takes the next request number, runs it, and on its completion
-    /// follows bench_cb's flush rule.
-    fn worker(&self, mut buf: IoBuf<'_>, flusher: &mpsc::Sender<()>) {
-        let p = self.p;
+    /// Worker `id`'s next request: the one a batch gave it, or a new one once no
+    /// drain holds issuing back; `None` when every request was issued or one failed.
+    fn next_request(&self, id: usize, mut st: MutexGuard<'_, State>) -> Option<u64> {
         loop {
-            let k = {
-                let mut st = self.lock();
-                loop {
-                    if st.failed.is_some() || st.issued >= p.count {
-                        return;
-                    }
-                    if !st.draining {
-                        break;
-                    }
-                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            if st.failed.is_some() {
+                return None;
+            }
+            if let Some(k) = st.batch.get_mut(id).and_then(Option::take) {
+                return Some(k);
+            }
+            if !st.draining {
+                if st.issued >= self.p.count {
+                    return None;
                 }
                 st.issued += 1;
                 st.in_flight += 1;
-                st.issued - 1
-            };
+                return Some(st.issued - 1);
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Issues the next requests at once, one per worker (all are idle: at the start,
+    /// and after a drained flush), as qemu-img fills its queue.
+    fn issue_batch(&self, st: &mut State) {
+        for slot in st.batch.iter_mut() {
+            if st.issued < self.p.count {
+                *slot = Some(st.issued);
+                st.issued += 1;
+                st.in_flight += 1;
+            }
+        }
+    }
+
+    /// Worker `id`: takes its request of the first batch, then on each completion
+    /// follows bench_cb: the flush rule, then the next request, taken under the same
+    /// lock as the completion so that, as in qemu-img, every request issued outside a
+    /// batch follows a completion that saw the count before it.
+    fn worker(&self, id: usize, mut buf: IoBuf<'_>, flusher: &mpsc::Sender<()>) {
+        let p = self.p;
+        let mut next = self.next_request(id, self.lock());
+        while let Some(k) = next {
             let result = self.request(k, &mut buf);
             let mut st = self.lock();
             st.in_flight -= 1;
@@ -461,28 +486,29 @@ impl Shared<'_> {
                 st.finished = Some(Instant::now());
                 self.changed.notify_all();
             }
-            if p.flush_interval == 0 || !remaining.is_multiple_of(p.flush_interval) {
-                continue;
+            if p.flush_interval > 0 && remaining.is_multiple_of(p.flush_interval) {
+                if !p.drain {
+                    // Sent without waiting; requests keep flowing.
+                    let _ = flusher.send(());
+                } else {
+                    // Drain: nothing is issued until the last request in flight has
+                    // completed and flushed; then a batch refills the queue.
+                    st.draining = true;
+                    if st.in_flight == 0 {
+                        drop(st);
+                        let r = self.dev.flush();
+                        st = self.lock();
+                        if let Err(e) = r {
+                            self.fail(&mut st, format!("Failed request: {}", error_reason(&e)));
+                            return;
+                        }
+                        st.draining = false;
+                        self.issue_batch(&mut st);
+                        self.changed.notify_all();
+                    }
+                }
             }
-            if !p.drain {
-                // Sent without waiting; requests keep flowing.
-                let _ = flusher.send(());
-                continue;
-            }
-            st.draining = true;
-            if st.in_flight > 0 {
-                // The last request in flight flushes.
-                continue;
-            }
-            drop(st);
-            let r = self.dev.flush();
-            let mut st = self.lock();
-            if let Err(e) = r {
-                self.fail(&mut st, format!("Failed request: {}", error_reason(&e)));
-                return;
-            }
-            st.draining = false;
-            self.changed.notify_all();
+            next = self.next_request(id, st);
         }
     }
 
@@ -539,6 +565,7 @@ fn bench(dev: &dyn BlockDevice, p: &Params, cache: Cache) -> Result<(), String> 
             completed: 0,
             in_flight: 0,
             draining: false,
+            batch: vec![None; workers],
             finished: None,
             failed: None,
         }),
@@ -547,6 +574,8 @@ fn bench(dev: &dyn BlockDevice, p: &Params, cache: Cache) -> Result<(), String> 
     };
     let (flush_tx, flush_rx) = mpsc::channel::<()>();
     let start = Instant::now();
+    // The first batch: one request per worker, issued before any completes.
+    shared.issue_batch(&mut shared.lock());
     std::thread::scope(|sc| {
         let shared = &shared;
         sc.spawn(move || shared.flusher(flush_rx));
@@ -555,15 +584,15 @@ fn bench(dev: &dyn BlockDevice, p: &Params, cache: Cache) -> Result<(), String> 
                 Some((v, s)) => &v[*s..*s + bufsize],
                 None => &[],
             };
-            for _ in 0..workers {
+            for id in 0..workers {
                 let tx = flush_tx.clone();
-                sc.spawn(move || shared.worker(IoBuf::Write(pattern), &tx));
+                sc.spawn(move || shared.worker(id, IoBuf::Write(pattern), &tx));
             }
         } else {
-            for (v, s) in bufs.iter_mut() {
+            for (id, (v, s)) in bufs.iter_mut().enumerate() {
                 let tx = flush_tx.clone();
                 let buf = &mut v[*s..*s + bufsize];
-                sc.spawn(move || shared.worker(IoBuf::Read(buf), &tx));
+                sc.spawn(move || shared.worker(id, IoBuf::Read(buf), &tx));
             }
         }
         drop(flush_tx);
@@ -583,5 +612,148 @@ fn bench(dev: &dyn BlockDevice, p: &Params, cache: Cache) -> Result<(), String> 
     match &st.failed {
         Some(msg) => Err(msg.clone()),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oxcow::{LayerStatus, StatusKind};
+    use std::sync::atomic::AtomicU64;
+
+    /// A device that records where requests went and checks that a drained flush
+    /// never overlaps a request.
+    #[derive(Debug, Default)]
+    struct Mock {
+        size: u64,
+        busy: AtomicU64,
+        flushes: AtomicU64,
+        overlapped: AtomicBool,
+        offsets: Mutex<Vec<u64>>,
+    }
+
+    impl BlockDevice for Mock {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn read_at(&self, _buf: &mut [u8], offset: u64) -> oxcow::Result<()> {
+            self.offsets.lock().unwrap().push(offset);
+            Ok(())
+        }
+        fn layer_status(&self, _offset: u64, len: u64) -> oxcow::Result<LayerStatus> {
+            Ok(LayerStatus {
+                kind: StatusKind::Data,
+                len,
+                offset: None,
+                compressed: false,
+                file_zero: false,
+            })
+        }
+        fn backing(&self) -> Option<&dyn BlockDevice> {
+            None
+        }
+        fn format_name(&self) -> &'static str {
+            "mock"
+        }
+        fn write_at(&self, _buf: &[u8], offset: u64) -> oxcow::Result<()> {
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            self.offsets.lock().unwrap().push(offset);
+            std::thread::yield_now();
+            self.busy.fetch_sub(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn flush(&self) -> oxcow::Result<()> {
+            if self.busy.load(Ordering::SeqCst) != 0 {
+                self.overlapped.store(true, Ordering::SeqCst);
+            }
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn params(count: u64, depth: u64, write: bool, fi: u64, drain: bool) -> Params {
+        Params {
+            count,
+            depth,
+            offset: 512,
+            bufsize: 512,
+            step: 4096 * 3 + 512,
+            write,
+            pattern: 0,
+            flush_interval: fi,
+            drain,
+        }
+    }
+
+    fn run(p: &Params) -> Mock {
+        let m = Mock {
+            size: 1 << 20,
+            ..Default::default()
+        };
+        let cache = parse_cache("writeback").unwrap();
+        bench(&m, p, cache).unwrap();
+        m
+    }
+
+    #[test]
+    fn every_request_goes_where_qemu_img_sends_it() {
+        for (count, depth, write) in [(1000, 64, true), (7, 64, false), (500, 1, true)] {
+            let p = params(count, depth, write, 0, true);
+            let m = run(&p);
+            let mut got = m.offsets.into_inner().unwrap();
+            got.sort_unstable();
+            let mut want: Vec<u64> = (0..count).map(|k| request_offset(&p, 1 << 20, k)).collect();
+            want.sort_unstable();
+            assert_eq!(got, want);
+            assert_eq!(request_offset(&p, 1 << 20, 0), 512);
+        }
+    }
+
+    #[test]
+    fn drained_flushes_come_where_qemu_img_puts_them() {
+        // qemu-img flushes each time a completion sees a multiple of the interval
+        // requests left to issue (counting from count - depth, after the first batch).
+        for (count, depth, fi) in [
+            (1000, 4, 100),
+            (1000, 8, 8),
+            (64, 64, 64),
+            (10, 64, 64),
+            (999, 3, 7),
+        ] {
+            let p = params(count, depth, true, fi, true);
+            let m = run(&p);
+            let w = depth.min(count);
+            assert_eq!(
+                m.flushes.load(Ordering::SeqCst),
+                (count - w) / fi + 1,
+                "{count} {depth} {fi}"
+            );
+            assert!(!m.overlapped.load(Ordering::SeqCst));
+            assert_eq!(m.offsets.lock().unwrap().len() as u64, count);
+        }
+    }
+
+    #[test]
+    fn undrained_flushes_keep_requests_flowing() {
+        let p = params(1000, 4, true, 10, false);
+        let m = run(&p);
+        let f = m.flushes.load(Ordering::SeqCst);
+        assert!((1..=(1000 - 4) / 10 + 4).contains(&f), "{f}");
+        assert_eq!(m.offsets.lock().unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn a_request_past_the_end_fails_as_in_qemu_img() {
+        let m = Mock {
+            size: 4096,
+            ..Default::default()
+        };
+        let mut p = params(3, 1, true, 0, true);
+        p.offset = 4000;
+        let cache = parse_cache("writeback").unwrap();
+        assert_eq!(
+            bench(&m, &p, cache),
+            Err("Failed request: Input/output error".to_string())
+        );
     }
 }
