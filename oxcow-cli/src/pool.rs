@@ -126,6 +126,78 @@ where
     })
 }
 
+/// A zeroed copy buffer aligned to 2 MiB and, where the system allows it
+/// (`madvise`), backed by transparent huge pages: filling it faults in one page per
+/// 2 MiB instead of 512, and copying through it misses the TLB less.
+pub struct Buffer {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer owns its memory, as a Vec<u8> does.
+unsafe impl Send for Buffer {}
+// SAFETY: shared access only reads, as for a Vec<u8>.
+unsafe impl Sync for Buffer {}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl Buffer {
+    /// A buffer of `len` zero bytes (`len` > 0).
+    pub fn new(len: usize) -> Buffer {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size (len > 0 is checked by max(1)).
+        let raw = unsafe { std::alloc::alloc(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout);
+        };
+        // SAFETY: advice about memory just allocated for us (2 MiB aligned, so page
+        // aligned); it changes no content. Then every byte is initialized.
+        unsafe {
+            libc::madvise(ptr.as_ptr().cast(), layout.size(), libc::MADV_HUGEPAGE);
+            std::ptr::write_bytes(ptr.as_ptr(), 0, layout.size());
+        }
+        Buffer {
+            ptr,
+            len: layout.size(),
+        }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        match std::alloc::Layout::from_size_align(len.max(1), HUGE_PAGE) {
+            Ok(l) => l,
+            Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<u8>()),
+        }
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` initialized bytes owned by the buffer.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `len` initialized bytes owned by the buffer, borrowed mutably once.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this very layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buffer({} bytes)", self.len)
+    }
+}
+
 /// Whether `buf` holds only zero bytes.
 pub fn is_zero(buf: &[u8]) -> bool {
     if let Some(&b) = buf.first() {
@@ -171,6 +243,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(seen, (1..=60).map(|x| x * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn buffers_are_zeroed_and_aligned() {
+        let mut b = Buffer::new(3 << 20);
+        assert_eq!(b.len(), 3 << 20);
+        assert!(is_zero(&b));
+        assert_eq!(b.as_ptr() as usize % HUGE_PAGE, 0);
+        b[5] = 7;
+        assert_eq!(b[5], 7);
+        let small = Buffer::new(1);
+        assert_eq!(small.len(), 1);
     }
 
     #[test]

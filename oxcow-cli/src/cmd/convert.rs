@@ -20,7 +20,7 @@
 use super::create::{append_descs, QemuOpts, FILE_OPTS, QCOW2_OPTS};
 use crate::common::Ctx;
 use crate::copyopts::{cvtnum, cvtnum_full, getopt_error, qemu_knows_format, valid_cache_mode};
-use crate::pool::{is_zero, run_ordered, worker_count};
+use crate::pool::{is_zero, run_ordered, worker_count, Buffer};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::source::{self, error_reason, Source, SECTOR};
@@ -649,7 +649,7 @@ struct Done {
     count: usize,
     result: Result<(), Failure>,
     ops: Vec<Op>,
-    buf: Option<Vec<u8>>,
+    buf: Option<Buffer>,
 }
 
 /// The copy settings the workers share.
@@ -672,7 +672,7 @@ struct Copier<'a> {
     /// The main thread carries out the writes, in guest order.
     in_order: bool,
     /// Buffers handed back by the main thread after their writes.
-    pool: std::sync::Mutex<Vec<Vec<u8>>>,
+    pool: std::sync::Mutex<Vec<Buffer>>,
 }
 
 /// A failed request: "error while reading/writing at byte N: reason".
@@ -728,16 +728,13 @@ impl Copier<'_> {
         Ok(())
     }
 
-    /// A buffer for the next job.
-    fn pooled(&self) -> Vec<u8> {
-        self.pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_default()
+    /// A buffer for the next job: one handed back, or a new one.
+    fn pooled(&self) -> Buffer {
+        let reused = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| Buffer::new(BUF as usize))
     }
 
-    fn give_back(&self, buf: Vec<u8>) {
+    fn give_back(&self, buf: Buffer) {
         self.pool
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -746,7 +743,7 @@ impl Copier<'_> {
 
     /// Runs one job on a worker: reads it, decides its writes, and carries them out
     /// or hands them on.
-    fn work(&self, buf: &mut Vec<u8>, job: Job) -> Done {
+    fn work(&self, buf: &mut Buffer, job: Job) -> Done {
         let mut ops = Vec::new();
         let (first, count) = (job.first, job.count);
         if let Err(f) = self.process(buf, job, &mut ops) {
@@ -780,8 +777,11 @@ impl Copier<'_> {
     }
 
     /// Reads a job and records its writes.
-    fn process(&self, buf: &mut Vec<u8>, job: Job, ops: &mut Vec<Op>) -> Result<(), Failure> {
+    fn process(&self, buf: &mut Buffer, job: Job, ops: &mut Vec<Op>) -> Result<(), Failure> {
         let segs = &self.segs[job.first..job.first + job.count];
+        if buf.len() < job.len as usize {
+            *buf = Buffer::new(job.len as usize);
+        }
         match job.status {
             Status::Backing => Ok(()),
             Status::Zero if self.min_sparse != 0 => {
@@ -799,15 +799,11 @@ impl Copier<'_> {
             Status::Zero => {
                 // -S 0: zeros are written as data.
                 let n = job.len as usize;
-                buf.clear();
-                buf.resize(n, 0);
+                buf[..n].fill(0);
                 self.record_writes(&buf[..n], job, segs, ops)
             }
             Status::Data => {
                 let n = job.len as usize;
-                if buf.len() < n {
-                    buf.resize(n, 0);
-                }
                 let data = &mut buf[..n];
                 let read = if self.salvage {
                     self.read_salvaging(data, job.out)
@@ -1500,13 +1496,29 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         in_order: qcow2 && !o.oob_writes,
         pool: std::sync::Mutex::new(Vec::new()),
     };
-    let threads = worker_count(o.parallel as usize);
+    // A qcow2 target: no more workers than CPUs, which the main thread shares with
+    // them (more only take the CPU from the thread that writes).
+    let threads = match target {
+        Target::Qcow2(_) => worker_count(o.parallel as usize).min(
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        ),
+        Target::Raw(_) => worker_count(o.parallel as usize),
+    };
+    // Jobs in flight. Compressing, workers must not run dry while the main thread
+    // waits for the CPU; copying, buffers are better reused while still in cache.
+    let depth = if compress.is_some() {
+        (threads * 4).max(16)
+    } else {
+        threads * 2
+    };
     let mut next = 0usize;
     let mut done = 0u64;
     let mut code = 0u8;
     let _ = run_ordered(
         threads,
-        (threads * 4).max(16),
+        depth,
         || {
             // Jobs with nothing to do (zeros on a zeroed target, ranges left to the
             // backing file) are not queued.
@@ -1520,8 +1532,8 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             }
             Ok(None)
         },
-        Vec::<u8>::new,
-        |buf: &mut Vec<u8>, job: Job| copier.work(buf, job),
+        || Buffer::new(BUF as usize),
+        |buf: &mut Buffer, job: Job| copier.work(buf, job),
         |d: Done| {
             let (first, count) = (d.first, d.count);
             let mut r = d.result;
