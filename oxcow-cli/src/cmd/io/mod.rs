@@ -10,7 +10,14 @@
 //!
 //! Asynchronous requests (`aio_read`, `aio_write`) run synchronously, but their
 //! completion report is held back until qemu-io would have printed it: at the next
-//! command that waits for I/O, at `aio_flush`, or when the program ends.
+//! command that waits for I/O, at `aio_flush`, before the next line of standard input
+//! is read, or when the program ends. (In qemu-io the moment depends on when the
+//! request happens to finish; scripts use aio_flush.)
+//!
+//! Not emulated: the VM state area (`read -b`, `write -b` fail with ENOTSUP),
+//! snapshot mode (-s) and copy-on-read (-C), which are refused, `--image-opts`,
+//! blkdebug breakpoints (`break`, `remove_break` and `resume` fail as on any plain
+//! image; `wait_break`, which would wait forever, fails at once) and zoned devices.
 
 mod args;
 mod misc;
