@@ -631,8 +631,8 @@ enum OpKind {
     Data { start: usize, end: usize },
     /// Zeros, written as zeros or by unmapping.
     Zero { len: u64 },
-    /// One compressed cluster.
-    Compressed(Vec<u8>),
+    /// One compressed cluster: bytes `start..end` of the job's packed output.
+    Compressed { start: usize, end: usize },
 }
 
 struct Op {
@@ -642,13 +642,27 @@ struct Op {
     kind: OpKind,
 }
 
+/// The writes of a job, and the compressed clusters they store one after another
+/// (kept from job to job: no allocation per cluster).
+#[derive(Default)]
+struct Writes {
+    ops: Vec<Op>,
+    packed: Vec<u8>,
+}
+
+impl Writes {
+    fn push(&mut self, req: u64, out: u64, kind: OpKind) {
+        self.ops.push(Op { req, out, kind });
+    }
+}
+
 /// A job's outcome: its writes (when the main thread is to carry them out) and the
 /// buffer they refer to.
 struct Done {
     first: usize,
     count: usize,
     result: Result<(), Failure>,
-    ops: Vec<Op>,
+    writes: Option<Writes>,
     buf: Option<Buffer>,
 }
 
@@ -673,6 +687,8 @@ struct Copier<'a> {
     in_order: bool,
     /// Buffers handed back by the main thread after their writes.
     pool: std::sync::Mutex<Vec<Buffer>>,
+    /// Write lists handed back likewise.
+    writes_pool: std::sync::Mutex<Vec<Writes>>,
 }
 
 /// A failed request: "error while reading/writing at byte N: reason".
@@ -741,43 +757,62 @@ impl Copier<'_> {
             .push(buf);
     }
 
+    fn give_back_writes(&self, mut w: Writes) {
+        w.ops.clear();
+        w.packed.clear();
+        self.writes_pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(w);
+    }
+
     /// Runs one job on a worker: reads it, decides its writes, and carries them out
     /// or hands them on.
     fn work(&self, buf: &mut Buffer, job: Job) -> Done {
-        let mut ops = Vec::new();
+        let reused = self
+            .writes_pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop();
+        let mut w = reused.unwrap_or_default();
         let (first, count) = (job.first, job.count);
-        if let Err(f) = self.process(buf, job, &mut ops) {
+        if let Err(f) = self.process(buf, job, &mut w) {
+            self.give_back_writes(w);
             return Done {
                 first,
                 count,
                 result: Err(f),
-                ops: Vec::new(),
+                writes: None,
                 buf: None,
             };
         }
         if self.in_order {
-            let needs_buf = ops.iter().any(|op| matches!(op.kind, OpKind::Data { .. }));
+            let needs_buf = w
+                .ops
+                .iter()
+                .any(|op| matches!(op.kind, OpKind::Data { .. }));
             let buf = needs_buf.then(|| std::mem::replace(buf, self.pooled()));
             return Done {
                 first,
                 count,
                 result: Ok(()),
-                ops,
+                writes: Some(w),
                 buf,
             };
         }
-        let result = self.execute(buf, &ops);
+        let result = self.execute(buf, &w);
+        self.give_back_writes(w);
         Done {
             first,
             count,
             result,
-            ops: Vec::new(),
+            writes: None,
             buf: None,
         }
     }
 
     /// Reads a job and records its writes.
-    fn process(&self, buf: &mut Buffer, job: Job, ops: &mut Vec<Op>) -> Result<(), Failure> {
+    fn process(&self, buf: &mut Buffer, job: Job, ops: &mut Writes) -> Result<(), Failure> {
         let segs = &self.segs[job.first..job.first + job.count];
         if buf.len() < job.len as usize {
             *buf = Buffer::new(job.len as usize);
@@ -787,11 +822,7 @@ impl Copier<'_> {
             Status::Zero if self.min_sparse != 0 => {
                 if !self.has_zero_init {
                     for s in segs {
-                        ops.push(Op {
-                            req: s.out,
-                            out: s.out,
-                            kind: OpKind::Zero { len: s.len },
-                        });
+                        ops.push(s.out, s.out, OpKind::Zero { len: s.len });
                     }
                 }
                 Ok(())
@@ -833,7 +864,7 @@ impl Copier<'_> {
         data: &[u8],
         job: Job,
         segs: &[Seg],
-        ops: &mut Vec<Op>,
+        ops: &mut Writes,
     ) -> Result<(), Failure> {
         for s in segs {
             let at = (s.out - job.out) as usize;
@@ -851,20 +882,13 @@ impl Copier<'_> {
         at: usize,
         len: usize,
         out: u64,
-        ops: &mut Vec<Op>,
+        ops: &mut Writes,
     ) -> Result<(), Failure> {
         let req = &data[at..at + len];
-        let mut push = |out: u64, kind: OpKind| {
-            ops.push(Op {
-                req: out,
-                out,
-                kind,
-            })
-        };
         if let Some((kind, cs)) = self.compress {
             if self.min_sparse != 0 && is_zero(req) {
                 if !self.has_zero_init {
-                    push(out, OpKind::Zero { len: len as u64 });
+                    ops.push(out, out, OpKind::Zero { len: len as u64 });
                 }
                 return Ok(());
             }
@@ -877,9 +901,15 @@ impl Copier<'_> {
                 compress_cluster(kind, &whole)
             };
             match compressed {
-                Ok(Some(c)) => push(out, OpKind::Compressed(c)),
+                Ok(Some(c)) => {
+                    let start = ops.packed.len();
+                    ops.packed.extend_from_slice(&c);
+                    let end = ops.packed.len();
+                    ops.push(out, out, OpKind::Compressed { start, end });
+                }
                 // Data that does not shrink is written as a normal cluster.
-                Ok(None) => push(
+                Ok(None) => ops.push(
+                    out,
                     out,
                     OpKind::Data {
                         start: at,
@@ -897,7 +927,8 @@ impl Copier<'_> {
             return Ok(());
         }
         if self.min_sparse == 0 {
-            push(
+            ops.push(
+                out,
                 out,
                 OpKind::Data {
                     start: at,
@@ -931,11 +962,7 @@ impl Copier<'_> {
                 None
             };
             if let Some(kind) = kind {
-                ops.push(Op {
-                    req: out,
-                    out: out + start as u64,
-                    kind,
-                });
+                ops.push(out, out + start as u64, kind);
             }
             done += n;
         }
@@ -943,9 +970,9 @@ impl Copier<'_> {
     }
 
     /// Carries out recorded writes; `buf` is the buffer their data lies in.
-    fn execute(&self, buf: &[u8], ops: &[Op]) -> Result<(), Failure> {
+    fn execute(&self, buf: &[u8], w: &Writes) -> Result<(), Failure> {
         let mut scratch = Vec::new();
-        for op in ops {
+        for op in &w.ops {
             let r = match (self.target, &op.kind) {
                 (Target::Raw(_), OpKind::Data { start, end }) => self
                     .raw_write(&buf[*start..*end], op.out)
@@ -953,7 +980,7 @@ impl Copier<'_> {
                 (Target::Raw(_), OpKind::Zero { len }) => self
                     .raw_zeroes(&mut scratch, op.out, *len)
                     .map_err(|e| crate::common::io_reason(&e)),
-                (Target::Raw(_), OpKind::Compressed(_)) => {
+                (Target::Raw(_), OpKind::Compressed { .. }) => {
                     Err("Operation not supported".to_string())
                 }
                 (Target::Qcow2(img), OpKind::Data { start, end }) => img
@@ -962,9 +989,9 @@ impl Copier<'_> {
                 (Target::Qcow2(img), OpKind::Zero { len }) => img
                     .write_zeroes(op.out, *len, true)
                     .map_err(|e| write_reason(&e)),
-                (Target::Qcow2(img), OpKind::Compressed(c)) => match img.qcow2() {
+                (Target::Qcow2(img), OpKind::Compressed { start, end }) => match img.qcow2() {
                     Some(q) => q
-                        .write_compressed_prepared(c, op.out)
+                        .write_compressed_prepared(&w.packed[*start..*end], op.out)
                         .map_err(|e| write_reason(&e)),
                     None => Err("Operation not supported".to_string()),
                 },
@@ -1495,6 +1522,7 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         compress,
         in_order: qcow2 && !o.oob_writes,
         pool: std::sync::Mutex::new(Vec::new()),
+        writes_pool: std::sync::Mutex::new(Vec::new()),
     };
     // A qcow2 target: no more workers than CPUs, which the main thread shares with
     // them (more only take the CPU from the thread that writes).
@@ -1537,8 +1565,11 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         |d: Done| {
             let (first, count) = (d.first, d.count);
             let mut r = d.result;
-            if r.is_ok() && !d.ops.is_empty() {
-                r = copier.execute(d.buf.as_deref().unwrap_or(&[]), &d.ops);
+            if let Some(w) = d.writes {
+                if r.is_ok() {
+                    r = copier.execute(d.buf.as_deref().unwrap_or(&[]), &w);
+                }
+                copier.give_back_writes(w);
             }
             if let Some(b) = d.buf {
                 copier.give_back(b);
