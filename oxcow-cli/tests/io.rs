@@ -510,6 +510,23 @@ fn writes_zeroes_compression_and_discards() {
         &[],
         &["write -c -P 3 0 256k", "map", "read -P 3 0 256k"],
     );
+    // Data that does not compress (written as plain clusters) and data that barely
+    // does, in clusters of several sizes.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut noise = vec![0u8; 256 << 10];
+    for (i, b) in noise.iter_mut().enumerate() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Every other 512-byte block is a run of one byte: compressible, but little.
+        *b = if (i / 512) % 4 == 3 { 0x5a } else { x as u8 };
+    }
+    std::fs::write(d.path("noise.bin"), &noise).unwrap();
+    let noise = d.path("noise.bin");
+    let w = format!("write -c -s {} 0 256k", noise.to_str().unwrap());
+    for img in ["plain.qcow2", "small.qcow2", "zstd.qcow2", "ext.qcow2"] {
+        d.same(img, &[], &[&w, "map", "read -v 0 32"]);
+    }
     d.same(
         "plain.qcow2",
         &[],
