@@ -241,4 +241,33 @@ mod tests {
             .unwrap()
             .is_some());
     }
+
+    /// Every cluster size, with data that does not compress or barely does: the
+    /// result fits the cluster or is `None`, never a panic.
+    #[test]
+    fn incompressible_clusters_of_every_size() {
+        let mut x = 7u64;
+        for bits in 9..=21u32 {
+            let n = 1usize << bits;
+            for compressible in [0usize, 1, 8] {
+                let data: Vec<u8> = (0..n)
+                    .map(|i| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        if compressible > 0 && i % 16 < compressible {
+                            0
+                        } else {
+                            x as u8
+                        }
+                    })
+                    .collect();
+                for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+                    if let Some(c) = compress_cluster(kind, &data).unwrap() {
+                        assert!(c.len() < n, "{bits} bits: {} bytes", c.len());
+                    }
+                }
+            }
+        }
+    }
 }
