@@ -852,13 +852,9 @@ fn one_pib_virtual_size() {
             name,
             &[format!("write -P 9 {} 4096", (1u64 << 50) - 4096)],
         );
-        let t = std::time::Instant::now();
+        // No allocation proportional to the claimed size (speed is measured by
+        // benchmarks, not asserted here).
         let (img, peak) = peak_alloc(|| open(&p));
-        assert!(
-            t.elapsed().as_secs_f64() < 2.0,
-            "{name}: open took {:?}",
-            t.elapsed()
-        );
         assert!(
             peak < max_alloc as usize,
             "{name}: open allocated {peak} bytes"
@@ -876,13 +872,8 @@ fn one_pib_virtual_size() {
             peak < 8 * MIB as usize,
             "{name}: reading allocated {peak} bytes"
         );
-        // The block status walk of the whole disk is quick.
+        // The block status walk of the whole disk ends, with the data at the end.
         let runs = oxcow_map(&img);
-        assert!(
-            t.elapsed().as_secs_f64() < 10.0,
-            "{name}: map took {:?}",
-            t.elapsed()
-        );
         let last = runs.last().unwrap();
         assert!(last.data && last.start + last.len == 1 << 50);
     }
