@@ -3,6 +3,7 @@
 use crate::common::Ctx;
 
 mod bench;
+mod check;
 mod commit;
 mod compare;
 mod convert;
@@ -24,6 +25,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "check" => check::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "dd" => dd::run(ctx, rest),
@@ -42,7 +44,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
+            println!("Command syntax: info, map, check, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),

@@ -163,7 +163,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn mark_corrupt(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn mark_corrupt(&self, st: &mut WriteState) -> Result<()> {
         st.corrupt = true;
         st.header.incompatible_features |= incompat::CORRUPT;
         let mut b = [0u8; 8];
