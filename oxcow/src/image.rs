@@ -293,6 +293,38 @@ impl Image {
         }
     }
 
+    /// The internal snapshots (none for raw images).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.qcow2
+            .as_ref()
+            .map(|q| q.snapshots())
+            .unwrap_or_default()
+    }
+
+    /// Creates an internal snapshot of the active disk (qcow2 opened for writing).
+    pub fn create_snapshot(&self, name: &str) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.create_snapshot(name)
+    }
+
+    /// Reverts the active disk to snapshot `id_or_name` (an ID first, then a name).
+    pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_image()?.apply_snapshot(id_or_name)
+    }
+
+    /// Deletes snapshot `id_or_name` (an ID first, then a name); returns its entry.
+    pub fn delete_snapshot(
+        &self,
+        id_or_name: &str,
+    ) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.delete_snapshot(id_or_name)
+    }
+
+    fn snapshot_image(&self) -> Result<&Qcow2> {
+        self.qcow2
+            .as_deref()
+            .ok_or_else(|| Error::Unsupported("Operation not supported".into()))
+    }
+
     /// The storage holding the image file itself.
     pub fn file(&self) -> &Arc<dyn Storage> {
         &self.file

@@ -13,6 +13,7 @@ pub mod io;
 mod map;
 mod rebase;
 mod resize;
+mod snapshot;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let Some(cmd) = args.first() else {
@@ -31,6 +32,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "resize" => resize::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
         "commit" => commit::run(ctx, rest),
+        "snapshot" => snapshot::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
@@ -42,7 +44,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
+            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),
