@@ -84,12 +84,13 @@ fn verify(dir: &Path, m: &Model, step: &str) {
         "{step}: qemu-img check:\n{check}"
     );
     let active = qemu_raw(dir, IMG);
-    common::assert_bytes(&format!("{step}: active disk (qemu)"), &active, &m.active, 0);
-    let want: Vec<(String, String)> = m
-        .snaps
-        .iter()
-        .map(|s| (s.0.clone(), s.1.clone()))
-        .collect();
+    common::assert_bytes(
+        &format!("{step}: active disk (qemu)"),
+        &active,
+        &m.active,
+        0,
+    );
+    let want: Vec<(String, String)> = m.snaps.iter().map(|s| (s.0.clone(), s.1.clone())).collect();
     assert_eq!(qemu_list(dir), want, "{step}: qemu-img snapshot -l");
     let img = Image::open(dir.join(IMG), &OpenOptions::default()).unwrap();
     let ours: Vec<(String, String)> = img

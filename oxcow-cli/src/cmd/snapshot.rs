@@ -7,7 +7,7 @@
 //! snapshots (raw, external data files) list nothing and refuse changes with QEMU's
 //! messages.
 
-use crate::cmd::resize::open_writable;
+use crate::cmd::resize::{open_writable, warn_probed_raw};
 use crate::common::{self, Ctx};
 use crate::copyopts::{getopt_error, usage_error};
 use crate::qopt::{long, Getopt, LongOpt};
@@ -26,9 +26,11 @@ const LONGS: &[LongOpt] = &[
     long("image-opts", false, "image-opts"),
     long("force-share", false, "U"),
     long("list", false, "l"),
-    long("apply", true, "a"),
-    long("create", true, "c"),
-    long("delete", true, "d"),
+    // qemu-img 10 declares these three without an argument (so `--create NAME`
+    // takes NAME for the file name); kept as it parses them.
+    long("apply", false, "a"),
+    long("create", false, "c"),
+    long("delete", false, "d"),
 ];
 
 const HELP: &str = "Usage:
@@ -64,12 +66,13 @@ Arguments:
 
 ";
 
+/// The action and its snapshot name (`None` from the long options, see LONGS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Action {
     List,
-    Apply(String),
-    Create(String),
-    Delete(String),
+    Apply(Option<String>),
+    Create(Option<String>),
+    Delete(Option<String>),
 }
 
 pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
@@ -83,6 +86,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             Ok(opt) => opt,
             Err(msg) => return getopt_error(ctx, CMD, &msg),
         };
+        let name = opt.arg.clone();
         let arg = opt.arg.unwrap_or_default();
         let chosen = match opt.id.as_str() {
             "h" => {
@@ -107,9 +111,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
                 return 1;
             }
             "l" => Some(Action::List),
-            "a" => Some(Action::Apply(arg)),
-            "c" => Some(Action::Create(arg)),
-            "d" => Some(Action::Delete(arg)),
+            "a" => Some(Action::Apply(name)),
+            "c" => Some(Action::Create(name)),
+            "d" => Some(Action::Delete(name)),
             _ => None,
         };
         if let Some(a) = chosen {
@@ -136,7 +140,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let Some(img) = open_writable(ctx, &filename, fmt.as_deref(), image_opts, false) else {
         return 1;
     };
-    change(ctx, &img, &action)
+    change(ctx, &img, &action, fmt.as_deref())
 }
 
 fn list(ctx: &Ctx, filename: &str, fmt: Option<&str>, image_opts: bool) -> u8 {
@@ -176,12 +180,17 @@ fn list(ctx: &Ctx, filename: &str, fmt: Option<&str>, image_opts: bool) -> u8 {
     0
 }
 
-fn change(ctx: &Ctx, img: &Image, action: &Action) -> u8 {
+fn change(ctx: &Ctx, img: &Image, action: &Action, fmt: Option<&str>) -> u8 {
     let qcow2 = img.format() == Format::Qcow2;
     let data_file = img.data_file_path().is_some();
     let result = match action {
         Action::List => return 0,
-        Action::Create(name) => if !qcow2 || data_file {
+        // Without a name (the long options) QEMU applies "(null)", and crashes
+        // creating or deleting.
+        Action::Create(None) | Action::Delete(None) => {
+            Err("a snapshot name is required".to_string())
+        }
+        Action::Create(Some(name)) => if !qcow2 || data_file {
             Err("Operation not supported".to_string())
         } else {
             img.create_snapshot(name)
@@ -190,7 +199,11 @@ fn change(ctx: &Ctx, img: &Image, action: &Action) -> u8 {
         }
         .map_err(|r| format!("Could not create snapshot '{name}': {r}")),
         Action::Apply(id) => {
+            let id = id.as_deref().unwrap_or("(null)");
             let r = if !qcow2 {
+                // QEMU's fallback reopens the file through the raw driver: its
+                // warning about the probed format comes once more.
+                warn_probed_raw(fmt, img);
                 Err("Block driver does not support snapshots".to_string())
             } else if data_file {
                 Err("Failed to load snapshot: Operation not supported".to_string())
@@ -202,14 +215,14 @@ fn change(ctx: &Ctx, img: &Image, action: &Action) -> u8 {
             };
             r.map_err(|r| format!("Could not apply snapshot '{id}': {r}"))
         }
-        Action::Delete(name) => {
+        Action::Delete(Some(name)) => {
             // qemu-img finds the snapshot by name only, then deletes that one.
             let snaps = if qcow2 && !data_file {
                 img.snapshots()
             } else {
                 Vec::new()
             };
-            match snaps.iter().find(|s| &s.name == name) {
+            match snaps.iter().find(|s| s.name == *name) {
                 None => Err(format!(
                     "Could not delete snapshot '{name}': snapshot not found"
                 )),
