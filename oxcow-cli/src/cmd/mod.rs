@@ -11,6 +11,7 @@ mod dd;
 mod info;
 pub mod io;
 mod map;
+mod measure;
 mod rebase;
 mod resize;
 mod snapshot;
@@ -25,6 +26,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "measure" => measure::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "dd" => dd::run(ctx, rest),
