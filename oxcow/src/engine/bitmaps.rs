@@ -4,7 +4,7 @@
 //! into memory and the directory is rewritten with the in-use flag set, so that a
 //! crash leaves them marked as not to be trusted (bitmaps already in use are kept as
 //! they are, "inconsistent": they can only be removed). Enabled bitmaps record every
-//! guest write, write-zeroes and discard (`mark_dirty`). On close (or `store_bitmaps`)
+//! guest write, write-zeroes and discard (`record_write`). On close (or `store_bitmaps`)
 //! each persistent bitmap is written anew: data clusters for the clusters of bitmap
 //! data that hold a dirty bit (all-zero clusters are table entries 0, as QEMU stores
 //! them), a table, then a new directory with the in-use flags cleared; the header
@@ -306,7 +306,7 @@ impl Qcow2 {
     }
 
     /// Records a guest write of `offset..offset+len` in every enabled bitmap.
-    pub(crate) fn mark_dirty(&self, offset: u64, len: u64) -> Result<()> {
+    pub(crate) fn record_write(&self, offset: u64, len: u64) -> Result<()> {
         if !self.tracking.load(Ordering::Acquire) || len == 0 {
             return Ok(());
         }

@@ -15,6 +15,7 @@ mod preallocate;
 mod read;
 pub mod refcounts;
 pub mod refscan;
+pub mod snapshot;
 mod write;
 mod writestate;
 

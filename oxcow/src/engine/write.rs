@@ -119,7 +119,14 @@ impl Qcow2 {
             st.refcounts.table_clusters() as u64 * cs,
         ) {
             Some("the refcount table")
-        } else if overlaps(h.snapshots_offset, if h.nb_snapshots > 0 { cs } else { 0 }) {
+        } else if overlaps(
+            h.snapshots_offset,
+            if h.nb_snapshots > 0 {
+                st.snapshots_len.div_ceil(cs).max(1) * cs
+            } else {
+                0
+            },
+        ) {
             Some("the snapshot table")
         } else {
             None
@@ -276,7 +283,7 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
-        self.mark_dirty(offset, buf.len() as u64)?;
+        self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -491,7 +498,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
-        self.mark_dirty(offset, len)?;
+        self.record_write(offset, len)?;
         let h = &self.meta.header;
         let cs = self.cluster_size();
         // The granule a zero flag covers: a subcluster, or a cluster.
@@ -615,7 +622,7 @@ impl Qcow2 {
         let w = self.writer()?;
         let size = self.size.load(Ordering::Acquire);
         check_range(offset, len, size)?;
-        self.mark_dirty(offset, len)?;
+        self.record_write(offset, len)?;
         let cs = self.cluster_size();
         let h = &self.meta.header;
         let ext = h.has_extended_l2();
@@ -707,10 +714,15 @@ impl Qcow2 {
             return Ok(());
         };
         let mut st = w.state.lock();
+        self.flush_locked(&mut st)
+    }
+
+    /// `flush` with the writer's lock held.
+    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         let io = self.storage.as_ref();
         // 1 and 2: refcount blocks, then L2 tables.
         st.refcounts.flush_blocks(io)?;
-        self.write_refcounts_then_l2(&mut st)?;
+        self.write_refcounts_then_l2(st)?;
         self.sync_data()?;
         // 3: the L1 table, now that every table it points to is on disk.
         if st.l1_dirty {
@@ -758,6 +770,14 @@ impl Qcow2 {
         }
         let old_size = self.size.load(Ordering::Acquire);
         self.check_bitmaps_resizable()?;
+        {
+            let st = w.state.lock();
+            if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
+                return Err(Error::Unsupported(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
+            }
+        }
         if new_size < old_size {
             if !shrink {
                 return Err(Error::InvalidArgument(
