@@ -7,6 +7,7 @@ mod bitmap;
 mod commit;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod create;
 mod dd;
 mod info;
