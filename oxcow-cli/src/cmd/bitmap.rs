@@ -173,7 +173,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut code = 0;
     for act in &actions {
         if let Err(e) = apply(&img, src.as_ref(), act, &bitmap, granularity) {
-            ctx.error(format!("Operation {} on bitmap {bitmap} failed: {e}", act.op()));
+            ctx.error(format!(
+                "Operation {} on bitmap {bitmap} failed: {e}",
+                act.op()
+            ));
             code = 1;
             break;
         }

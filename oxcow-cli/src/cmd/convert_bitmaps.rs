@@ -29,7 +29,10 @@ pub fn copy(ctx: &Ctx, src: &Image, dst: &Image, skip_broken: bool) -> u8 {
     // creates newest first again: the directory order is kept.
     for b in src.bitmaps().iter().rev().filter(|b| b.persistent) {
         if b.in_use && skip_broken {
-            ctx.error(format!("warning: Skipping inconsistent bitmap '{}'", b.name));
+            ctx.error(format!(
+                "warning: Skipping inconsistent bitmap '{}'",
+                b.name
+            ));
             continue;
         }
         let opts = BitmapOptions {
