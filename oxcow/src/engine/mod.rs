@@ -13,6 +13,7 @@ mod preallocate;
 mod read;
 pub mod refcounts;
 pub mod refscan;
+mod truncate;
 mod write;
 mod writestate;
 
