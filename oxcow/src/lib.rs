@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod measure;
 pub mod raw;
 pub mod storage;
 

@@ -11,8 +11,10 @@ mod dd;
 mod info;
 pub mod io;
 mod map;
+mod measure;
 mod rebase;
 mod resize;
+mod snapshot;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let Some(cmd) = args.first() else {
@@ -24,6 +26,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "measure" => measure::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
         "dd" => dd::run(ctx, rest),
@@ -31,6 +34,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "resize" => resize::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
         "commit" => commit::run(ctx, rest),
+        "snapshot" => snapshot::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
@@ -42,7 +46,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
+            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),

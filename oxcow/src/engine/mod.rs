@@ -13,6 +13,7 @@ mod preallocate;
 mod read;
 pub mod refcounts;
 pub mod refscan;
+pub mod snapshot;
 mod truncate;
 mod write;
 mod writestate;

@@ -119,7 +119,14 @@ impl Qcow2 {
             st.refcounts.table_clusters() as u64 * cs,
         ) {
             Some("the refcount table")
-        } else if overlaps(h.snapshots_offset, if h.nb_snapshots > 0 { cs } else { 0 }) {
+        } else if overlaps(
+            h.snapshots_offset,
+            if h.nb_snapshots > 0 {
+                st.snapshots_len.div_ceil(cs).max(1) * cs
+            } else {
+                0
+            },
+        ) {
             Some("the snapshot table")
         } else {
             None
@@ -707,10 +714,15 @@ impl Qcow2 {
             return Ok(());
         };
         let mut st = w.state.lock();
+        self.flush_locked(&mut st)
+    }
+
+    /// `flush` with the writer's lock held.
+    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         let io = self.storage.as_ref();
         // 1 and 2: refcount blocks, then L2 tables.
         st.refcounts.flush_blocks(io)?;
-        self.write_refcounts_then_l2(&mut st)?;
+        self.write_refcounts_then_l2(st)?;
         self.sync_data()?;
         // 3: the L1 table, now that every table it points to is on disk.
         if st.l1_dirty {
@@ -764,6 +776,14 @@ impl Qcow2 {
             ));
         }
         let old_size = self.size.load(Ordering::Acquire);
+        {
+            let st = w.state.lock();
+            if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
+                return Err(Error::Unsupported(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
+            }
+        }
         if new_size < old_size {
             if !shrink {
                 return Err(Error::InvalidArgument(
