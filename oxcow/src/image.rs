@@ -11,6 +11,8 @@ use crate::storage::{FileStorage, NoFlush, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod bitmaps;
+
 /// Image formats oxcow reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {

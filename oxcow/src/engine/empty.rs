@@ -32,7 +32,8 @@ impl Qcow2 {
         let l1_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
         let block_entries = (cs * 8) >> h.refcount_order;
         let bitmaps = h.autoclear_features & autoclear::BITMAPS != 0
-            && self.meta.bitmaps_ext.is_some_and(|b| b.nb_bitmaps > 0);
+            && self.meta.bitmaps_ext.is_some_and(|b| b.nb_bitmaps > 0)
+            || self.has_persistent_bitmaps();
         h.version >= 3
             && self
                 .writer

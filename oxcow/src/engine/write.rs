@@ -41,15 +41,15 @@ impl Qcow2 {
     }
 
     /// Called once at a read-write open: clears the autoclear bits of features oxcow
-    /// does not keep up to date (persistent bitmaps, unknown ones), so that other
-    /// programs know their data may be stale.
+    /// does not keep up to date (unknown ones), so that other programs know their data
+    /// may be stale. Persistent bitmaps are kept up to date (engine/bitmaps.rs).
     pub(crate) fn prepare_for_writing(&self) -> Result<()> {
         let w = self.writer()?;
         let mut st = w.state.lock();
         let keep = if self.data_file.is_some() {
-            autoclear::DATA_FILE_RAW
+            autoclear::DATA_FILE_RAW | autoclear::BITMAPS
         } else {
-            0
+            autoclear::BITMAPS
         };
         if st.header.autoclear_features & !keep != 0 {
             st.header.autoclear_features &= keep;
@@ -283,6 +283,7 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
+        self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -497,6 +498,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
+        self.record_write(offset, len)?;
         let h = &self.meta.header;
         let cs = self.cluster_size();
         // The granule a zero flag covers: a subcluster, or a cluster.
@@ -623,6 +625,7 @@ impl Qcow2 {
         let w = self.writer()?;
         let size = self.size.load(Ordering::Acquire);
         check_range(offset, len, size)?;
+        self.record_write(offset, len)?;
         let cs = self.cluster_size();
         let h = &self.meta.header;
         let ext = h.has_extended_l2();
@@ -776,6 +779,7 @@ impl Qcow2 {
             ));
         }
         let old_size = self.size.load(Ordering::Acquire);
+        self.check_bitmaps_resizable()?;
         {
             let st = w.state.lock();
             if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
@@ -850,6 +854,7 @@ impl Qcow2 {
             io.flush()?;
         }
         drop(st);
+        self.resize_bitmaps(new_size)?;
         // The external data file follows the disk exactly, as QEMU resizes it.
         if let Some(d) = &self.data_file {
             if d.len()? != new_size {
@@ -938,6 +943,9 @@ fn range_bits(s0: u32, s1: u32) -> u32 {
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         if let Some(w) = &self.writer {
+            // Bitmaps left in use are not trusted by anyone: that is what a failed
+            // store leaves behind.
+            let _ = self.store_bitmaps();
             if self.flush().is_ok() {
                 // Everything is on disk: a lazy-refcounts image is clean again.
                 let mut st = w.state.lock();
