@@ -749,6 +749,11 @@ impl Qcow2 {
                 while c < off + len {
                     if st.refcounts.get(io, c / cs)? == 0 {
                         self.l2_cache.remove(c);
+                        // The next compressed cluster must not go into a free
+                        // cluster that something else may take meanwhile.
+                        if st.free_byte_offset / cs == c / cs {
+                            st.free_byte_offset = 0;
+                        }
                         if punch {
                             io.punch_hole(c, cs)?;
                         }
