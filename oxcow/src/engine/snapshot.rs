@@ -247,8 +247,11 @@ impl Qcow2 {
         Ok(true)
     }
 
-    /// Clears the dirty bit set by `mark_dirty`, once everything is on disk.
+    /// Clears the dirty bit set by `mark_dirty`, once everything is on disk. Also
+    /// ends the current compressed cluster: references were dropped outside the
+    /// write path, and the cluster it packs into may be free (and reused) now.
     fn unmark_dirty(&self, st: &mut WriteState, marked: bool) -> Result<()> {
+        st.free_byte_offset = 0;
         if marked {
             self.flush_locked(st)?;
             self.set_dirty_bit(st, false)?;
