@@ -305,7 +305,6 @@ impl Image {
         }
         match (&self.qcow2, &self.raw) {
             (Some(q), _) => {
-                q.resize(new_size, shrink)?;
                 // A raw data file stays readable alone: new clusters are mapped at
                 // once, as QEMU maps them.
                 let prealloc =
@@ -314,7 +313,7 @@ impl Image {
                     } else {
                         prealloc
                     };
-                q.preallocate(prealloc, old, new_size)
+                q.resize_preallocated(new_size, shrink, prealloc)
             }
             (None, Some(r)) => r.resize(new_size, prealloc),
             _ => Err(Error::Unsupported("this image cannot be resized".into())),

@@ -16,6 +16,7 @@ mod read;
 pub mod refcounts;
 pub mod refscan;
 pub mod snapshot;
+mod truncate;
 mod write;
 mod writestate;
 

@@ -522,7 +522,10 @@ impl Qcow2 {
             let at_end = cluster + cs >= self.size.load(Ordering::Acquire)
                 && p.end + cluster == self.size.load(Ordering::Acquire);
             if h.version >= 3 && (g0 < g1 || (at_end && p.start.is_multiple_of(granule))) {
-                let g1 = if at_end {
+                let g1 = if at_end && p.start == 0 {
+                    // The last cluster, zeroed from its start: as a whole cluster.
+                    cs
+                } else if at_end {
                     p.end.div_ceil(granule) * granule
                 } else {
                     g1
@@ -764,9 +767,16 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Changes the virtual size. Growing keeps every byte; shrinking needs `shrink`
-    /// and drops everything past the new end.
-    pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+    /// Changes the virtual size: the L1 table, the header, the data file. Growing
+    /// keeps every byte (and, with `zero_old_tail`, zeroes what the last cluster
+    /// holds past the old end); shrinking needs `shrink` and drops everything past
+    /// the new end.
+    pub(super) fn change_size(
+        &self,
+        new_size: u64,
+        shrink: bool,
+        zero_old_tail: bool,
+    ) -> Result<()> {
         let w = self.writer()?;
         if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(
@@ -858,11 +868,28 @@ impl Qcow2 {
         }
         // Bytes past the old end inside its last cluster may hold old data: zero them.
         let tail_end = old_size.div_ceil(cs) * cs;
-        if new_size > old_size && !old_size.is_multiple_of(cs) {
-            self.write_zeroes(old_size, tail_end.min(new_size) - old_size, false)?;
-            self.flush()?;
+        if zero_old_tail && new_size > old_size && !old_size.is_multiple_of(cs) {
+            let len = tail_end.min(new_size) - old_size;
+            if !self.reads_as_zeros(old_size, len)? {
+                self.write_zeroes(old_size, len, false)?;
+                self.flush()?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether `offset..offset+len` reads as zeros without a look at any data:
+    /// zero clusters, or unallocated ones with no backing file under them.
+    fn reads_as_zeros(&self, offset: u64, len: u64) -> Result<bool> {
+        use super::mapping::Run;
+        let (run, n) = self.lookup_run(offset, len)?;
+        let no_backing = self.backing.as_ref().is_none_or(|b| b.size() <= offset);
+        Ok(n >= len
+            && match run {
+                Run::Zero { .. } => true,
+                Run::Unallocated { .. } => no_backing,
+                _ => false,
+            })
     }
 
     /// Points the image at another backing file (or none), changing only the header,
