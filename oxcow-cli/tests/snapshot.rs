@@ -68,6 +68,10 @@ impl Fixture {
         q(&["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]);
         q(&["create", "-q", "-f", "raw", "plain.raw", "1M"]);
         q(&["create", "-q", "-f", "qcow2", "zero.qcow2", "0"]);
+        q(&["create", "-q", "-f", "qcow2", "bm.qcow2", "1M"]);
+        io("bm.qcow2", &["write -P 9 0 64k"]);
+        q(&["snapshot", "-c", "s", "bm.qcow2"]);
+        q(&["bitmap", "--add", "bm.qcow2", "b0"]);
         q(&[
             "create",
             "-q",
@@ -258,6 +262,12 @@ fn list_text_and_errors_match_qemu_img() {
         (&["snapshot", "-cfoo", "v2.qcow2"], Some("v2.qcow2")),
         (&["snapshot", "-lcfoo", "v2.qcow2"], None),
         (&["snapshot", "-c", "full", "rb1.qcow2"], None),
+        // Persistent bitmaps forbid reverting (even to a missing snapshot), not the
+        // rest.
+        (&["snapshot", "-a", "s", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-a", "nope", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-c", "t", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-d", "s", "bm.qcow2"], Some("bm.qcow2")),
         // A disk of 0 bytes has no L1 table; its snapshot neither.
         (&["snapshot", "-c", "z", "zero.qcow2"], Some("zero.qcow2")),
         (&["snapshot", "-c", "x", "plain.raw"], None),

@@ -133,6 +133,10 @@ impl Qcow2 {
     /// disk size); the snapshot stays.
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
         let w = self.writer()?;
+        // QEMU refuses to revert a disk that persistent bitmaps describe.
+        if !self.bitmaps().is_empty() {
+            return Err(Error::Unsupported("Device has active dirty bitmaps".into()));
+        }
         let mut st = self.lock_for_snapshots(w)?;
         let idx = find_snapshot(&st.snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
         let sn = st.snapshots[idx].clone();
