@@ -3,9 +3,11 @@
 use crate::common::Ctx;
 
 mod bench;
+mod bitmap;
 mod commit;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod create;
 mod dd;
 mod info;
@@ -25,6 +27,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "info" => info::run(ctx, rest),
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
+        "bitmap" => bitmap::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
@@ -46,7 +49,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
+            println!("Command syntax: info, map, bitmap, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),

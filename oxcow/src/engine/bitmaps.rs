@@ -625,10 +625,12 @@ impl Qcow2 {
             let set = self.bitmaps.lock();
             let i = set.find(name)?;
             set.list[i].usable()?;
-            if set.list[i].bits.size() != source.size() {
-                return Err(Error::InvalidArgument(
-                    "Bitmaps are incompatible and can't be merged".into(),
-                ));
+            let (dst, src) = (set.list[i].bits.size(), source.size());
+            if dst != src {
+                return Err(Error::InvalidArgument(format!(
+                    "Bitmaps are of different sizes (destination size is {dst}, source \
+                     size is {src}) and can't be merged"
+                )));
             }
         }
         self.change_bitmap(name, |b| b.bits.merge(source))
