@@ -25,6 +25,11 @@ impl Source {
     /// qemu-img prints ("Could not open ...").
     pub fn open(name: &str, fmt: Option<&str>) -> Result<Source, String> {
         let img = common::open_image(name, fmt, &OpenOptions::default())?;
+        Ok(Source::from_image(name, img))
+    }
+
+    /// The input as an already opened image (`name` as given on the command line).
+    pub fn from_image(name: &str, img: Image) -> Source {
         let real = img.size();
         let (len, align) = match img.format() {
             Format::Raw => (real.div_ceil(SECTOR) * SECTOR, SECTOR),
@@ -33,13 +38,13 @@ impl Source {
                 (real / SECTOR * SECTOR, cs.max(SECTOR))
             }
         };
-        Ok(Source {
+        Source {
             name: name.to_string(),
             img,
             real,
             len,
             align,
-        })
+        }
     }
 
     /// Reads `buf.len()` bytes at `offset` (inside `len`); bytes past the device's

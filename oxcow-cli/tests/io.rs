@@ -258,6 +258,7 @@ fn images(d: &Dir) {
          qemu-img create -q -f raw base.raw 2M
          qemu-io -f raw -c 'write -q -P 0x11 0 2M' base.raw
          qemu-img create -q -f qcow2 -b base.raw -F raw over.qcow2 4M
+         qemu-img create -q -f qcow2 -o compat=0.10 -b base.raw -F raw v2over.qcow2 1M
          qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 4M
          qemu-img create -q -f qcow2 -o extended_l2=on -b base.raw -F raw extover.qcow2 4M
          qemu-img create -q -f qcow2 -o cluster_size=4k small.qcow2 4M
@@ -628,6 +629,21 @@ fn truncate_map_alloc_info() {
         &[],
         &["truncate 1000k", "truncate 3000k", "map", "read -v 999k 16"],
     );
+    // v2 has no zero flag: QEMU refuses to grow over the backing file, unless
+    // preallocation gives the new area clusters of zeros.
+    d.same(
+        "v2over.qcow2",
+        &[],
+        &[
+            "truncate 3M",
+            "length",
+            "truncate -m metadata 3M",
+            "truncate -m falloc 3M",
+            "length",
+            "map",
+            "read -P 0 1M 2M",
+        ],
+    );
     d.same(
         "plain.qcow2",
         &[],
@@ -667,6 +683,45 @@ fn truncate_map_alloc_info() {
             "alloc 0 2k",
         ],
     );
+}
+
+/// A write whose allocation lands on an L2 table or a refcount block that the
+/// refcounts wrongly call free: QEMU's corruption notice, EIO, then "No medium found"
+/// for later writes, and the same bytes left in the image.
+#[test]
+fn write_over_metadata_marks_the_image_corrupt() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    // The L2 table is cluster 4; the refcount block (cluster 2) holds 16-bit entries.
+    d.sh("qemu-img create -q -f qcow2 l2.qcow2 4M
+         qemu-io -c 'write -q -P 1 0 64k' l2.qcow2
+         cp l2.qcow2 rb.qcow2
+         printf '\\000\\000' | dd of=l2.qcow2 bs=1 seek=131080 conv=notrunc status=none
+         printf '\\000\\000' | dd of=rb.qcow2 bs=1 seek=131076 conv=notrunc status=none");
+    for (img, what) in [
+        ("l2.qcow2", "active L2 table"),
+        ("rb.qcow2", "refcount block"),
+    ] {
+        let args = [
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "write -z 2M 4k",
+            "-c",
+            "discard 0 64k",
+            img,
+        ];
+        let o = d.same_io(None, &args, None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("(overlaps with {what})")), "{err}");
+        let (q, x) = (d.path("qa").join(img), d.path("ox").join(img));
+        assert!(
+            std::fs::read(q).unwrap() == std::fs::read(x).unwrap(),
+            "{img}: the same bytes as qemu-io leaves"
+        );
+    }
 }
 
 #[test]

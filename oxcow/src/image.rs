@@ -11,6 +11,8 @@ use crate::storage::{FileStorage, NoFlush, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod bitmaps;
+
 /// Image formats oxcow reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -91,13 +93,41 @@ impl Image {
     pub fn open(path: impl AsRef<Path>, opts: &OpenOptions) -> Result<Image> {
         let path = path.as_ref();
         let mut seen = Vec::new();
-        Self::open_layer(&path.to_string_lossy(), opts.format, opts, &mut seen)
+        Self::open_layer(&path.to_string_lossy(), opts.format, opts, None, &mut seen)
+    }
+
+    /// Opens the qcow2 image at `path` read-only as it was at an internal snapshot
+    /// (its backing chain as it is now), as QEMU's snapshot_load_tmp does: the
+    /// snapshot is found by `id` and `name` (both must match when both are given);
+    /// the disk keeps the image's current size. A missing snapshot is
+    /// `Error::InvalidArgument("Can't find snapshot")`.
+    pub fn open_snapshot(
+        path: impl AsRef<Path>,
+        opts: &OpenOptions,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Image> {
+        if opts.writable {
+            return Err(Error::InvalidArgument(
+                "a snapshot can only be opened read-only".into(),
+            ));
+        }
+        let path = path.as_ref();
+        let mut seen = Vec::new();
+        Self::open_layer(
+            &path.to_string_lossy(),
+            opts.format,
+            opts,
+            Some((id, name)),
+            &mut seen,
+        )
     }
 
     fn open_layer(
         filename: &str,
         format: Option<Format>,
         opts: &OpenOptions,
+        snapshot: Option<(Option<&str>, Option<&str>)>,
         seen: &mut Vec<(u64, u64)>,
     ) -> Result<Image> {
         if seen.len() >= opts.max_chain_depth {
@@ -137,6 +167,9 @@ impl Image {
         };
         match format {
             Format::Raw => {
+                if snapshot.is_some() {
+                    return Err(Error::Unsupported("Block format 'raw' used by device '' does not support temporarily loading internal snapshots".into()));
+                }
                 let raw = Arc::new(RawImage::open(storage.clone())?);
                 Ok(Image {
                     filename: filename.to_string(),
@@ -150,8 +183,22 @@ impl Image {
                 })
             }
             Format::Qcow2 => {
-                let meta = ImageMeta::load(storage.as_ref())?;
+                let mut meta = ImageMeta::load(storage.as_ref())?;
                 meta.check_readable()?;
+                if let Some((id, name)) = snapshot {
+                    let sn = meta
+                        .snapshots
+                        .iter()
+                        .find(|sn| {
+                            (id.is_some() || name.is_some())
+                                && id.is_none_or(|i| sn.id == i)
+                                && name.is_none_or(|n| sn.name == n)
+                        })
+                        .ok_or_else(|| Error::InvalidArgument("Can't find snapshot".into()))?;
+                    // The snapshot's L1 table was checked when the table was loaded.
+                    meta.header.l1_table_offset = sn.l1_table_offset;
+                    meta.header.l1_size = sn.l1_size;
+                }
                 let data_file = match &meta.data_file {
                     Some(name) if meta.header.has_data_file() => {
                         // QEMU opens a relative data file name from the current
@@ -190,13 +237,15 @@ impl Image {
                             .as_deref()
                             .map(Format::from_name)
                             .transpose()?;
-                        let b = Self::open_layer(&full, fmt, opts, seen).map_err(|e| match e {
-                            Error::Open { path, source } => Error::Backing(format!(
-                                "Could not open backing file: Could not open '{}': {source}",
-                                path.display()
-                            )),
-                            other => other,
-                        })?;
+                        let b = Self::open_layer(&full, fmt, opts, None, seen).map_err(
+                            |e| match e {
+                                Error::Open { path, source } => Error::Backing(format!(
+                                    "Could not open backing file: Could not open '{}': {source}",
+                                    path.display()
+                                )),
+                                other => other,
+                            },
+                        )?;
                         Some(Arc::new(b))
                     }
                     _ => None,
@@ -262,7 +311,6 @@ impl Image {
         }
         match (&self.qcow2, &self.raw) {
             (Some(q), _) => {
-                q.resize(new_size, shrink)?;
                 // A raw data file stays readable alone: new clusters are mapped at
                 // once, as QEMU maps them.
                 let prealloc =
@@ -271,7 +319,7 @@ impl Image {
                     } else {
                         prealloc
                     };
-                q.preallocate(prealloc, old, new_size)
+                q.resize_preallocated(new_size, shrink, prealloc)
             }
             (None, Some(r)) => r.resize(new_size, prealloc),
             _ => Err(Error::Unsupported("this image cannot be resized".into())),
@@ -297,6 +345,38 @@ impl Image {
                 "Operation not supported: raw images have no backing file".into(),
             )),
         }
+    }
+
+    /// The internal snapshots (none for raw images).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.qcow2
+            .as_ref()
+            .map(|q| q.snapshots())
+            .unwrap_or_default()
+    }
+
+    /// Creates an internal snapshot of the active disk (qcow2 opened for writing).
+    pub fn create_snapshot(&self, name: &str) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.create_snapshot(name)
+    }
+
+    /// Reverts the active disk to snapshot `id_or_name` (an ID first, then a name).
+    pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_image()?.apply_snapshot(id_or_name)
+    }
+
+    /// Deletes snapshot `id_or_name` (an ID first, then a name); returns its entry.
+    pub fn delete_snapshot(
+        &self,
+        id_or_name: &str,
+    ) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.delete_snapshot(id_or_name)
+    }
+
+    fn snapshot_image(&self) -> Result<&Qcow2> {
+        self.qcow2
+            .as_deref()
+            .ok_or_else(|| Error::Unsupported("Operation not supported".into()))
     }
 
     /// The storage holding the image file itself.

@@ -10,13 +10,16 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod measure;
 pub mod raw;
 pub mod storage;
 
 pub use create::create_qcow2;
 pub use device::{block_status, BlockDevice, BlockStatus, LayerStatus, StatusKind};
+pub use engine::bitmaps::{BitmapInfo, BitmapOptions};
 pub use engine::check::{CheckReport, Fix};
 pub use engine::create::{CreateOptions, Preallocation};
+pub use engine::dirtybits::DirtyBits;
 pub use engine::Qcow2;
 pub use error::{Error, Result};
 pub use image::{Format, Image, OpenOptions};

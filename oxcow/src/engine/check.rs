@@ -221,6 +221,9 @@ impl Qcow2 {
                 l1_offset: st.header.l1_table_offset,
                 offset: st.refcounts.table_offset(),
                 entries: st.refcounts.table().to_vec(),
+                snapshots_offset: st.header.snapshots_offset,
+                snapshots_len: st.snapshots_len,
+                snapshots: st.snapshots.clone(),
             },
             None => {
                 let h = &self.meta.header;
@@ -231,6 +234,9 @@ impl Qcow2 {
                     l1_offset: h.l1_table_offset,
                     offset: h.refcount_table_offset,
                     entries: u64_table(&raw),
+                    snapshots_offset: h.snapshots_offset,
+                    snapshots_len: self.meta.snapshots_len,
+                    snapshots: self.meta.snapshots.clone(),
                 }
             }
         })

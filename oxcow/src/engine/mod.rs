@@ -1,22 +1,29 @@
 //! The qcow2 runtime: guest-to-host mapping, the L2 cache, reading through compressed
 //! clusters, subclusters, external data files and backing chains.
 
+pub mod bitmaps;
 pub mod check;
 pub mod compress;
 pub mod create;
 pub mod decompress;
+pub mod dirtybits;
 mod empty;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
+mod overlap;
 mod prealloc;
 mod preallocate;
 mod read;
 mod rebuild;
 pub mod refcounts;
 pub mod refscan;
+pub mod snapshot;
+mod truncate;
 mod write;
 mod writestate;
+
+pub use overlap::OVERLAP_MESSAGE;
 
 use crate::device::{BlockDevice, LayerStatus, StatusKind};
 use crate::error::{Error, Result};
@@ -24,8 +31,8 @@ use crate::format::be::u64_table;
 use crate::storage::Storage;
 use l2cache::L2Cache;
 use meta::ImageMeta;
-use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Options for the qcow2 runtime.
@@ -65,6 +72,10 @@ pub struct Qcow2 {
     file_len: AtomicU64,
     /// The write side; `None` for read-only images.
     writer: Option<writestate::Writer>,
+    /// Dirty bitmaps (of writable images); taken before the writer's lock.
+    bitmaps: Mutex<bitmaps::BitmapSet>,
+    /// Some bitmap records writes (lets writes skip the bitmap lock otherwise).
+    tracking: AtomicBool,
 }
 
 impl Qcow2 {
@@ -111,6 +122,8 @@ impl Qcow2 {
             l1: RwLock::new(l1),
             file_may_have_holes,
             writer,
+            bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
+            tracking: AtomicBool::new(false),
         };
         if q.writer.is_some() && !opts.check {
             if q.meta.header.is_dirty() {
@@ -118,6 +131,7 @@ impl Qcow2 {
                 q.repair_dirty()?;
             }
             q.prepare_for_writing()?;
+            q.open_bitmaps()?;
         }
         Ok(q)
     }

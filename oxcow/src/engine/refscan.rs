@@ -156,6 +156,11 @@ pub(crate) struct RefTable {
     pub l1_offset: u64,
     pub offset: u64,
     pub entries: Vec<u64>,
+    /// The snapshot table: where, how long, its entries (the writer's when the
+    /// image is writable: snapshots change while it is open).
+    pub snapshots_offset: u64,
+    pub snapshots_len: u64,
+    pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
 }
 
 impl<'a> Scan<'a> {
@@ -171,7 +176,6 @@ impl<'a> Scan<'a> {
     /// entries that are wrong on the way.
     pub fn calculate(&mut self, res: &mut CheckReport, reftable: &RefTable) -> Result<()> {
         let q = self.q;
-        let h = &q.meta.header;
         let cs = self.cluster_size();
         // The header.
         self.imrt.inc(res, 0, cs);
@@ -179,7 +183,7 @@ impl<'a> Scan<'a> {
         let l1 = q.l1.read().clone();
         self.check_l1(res, reftable.l1_offset, &l1, true)?;
         // Snapshots.
-        let snaps = &q.meta.snapshots;
+        let snaps = &reftable.snapshots;
         if q.data_file.is_some() && !snaps.is_empty() {
             res.msg(format!(
                 "ERROR {} snapshots in image with data file",
@@ -213,7 +217,8 @@ impl<'a> Scan<'a> {
             self.check_l1(res, s.l1_table_offset, &u64_table(&raw), false)?;
         }
         if !snaps.is_empty() {
-            self.imrt.inc(res, h.snapshots_offset, q.meta.snapshots_len);
+            self.imrt
+                .inc(res, reftable.snapshots_offset, reftable.snapshots_len);
         }
         // The refcount table.
         self.imrt
