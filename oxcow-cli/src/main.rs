@@ -11,6 +11,7 @@ mod progress;
 mod qjson;
 mod qopt;
 mod sizearg;
+mod snaptable;
 mod source;
 
 use common::Ctx;

@@ -258,6 +258,7 @@ fn images(d: &Dir) {
          qemu-img create -q -f raw base.raw 2M
          qemu-io -f raw -c 'write -q -P 0x11 0 2M' base.raw
          qemu-img create -q -f qcow2 -b base.raw -F raw over.qcow2 4M
+         qemu-img create -q -f qcow2 -o compat=0.10 -b base.raw -F raw v2over.qcow2 1M
          qemu-img create -q -f qcow2 -o extended_l2=on ext.qcow2 4M
          qemu-img create -q -f qcow2 -o extended_l2=on -b base.raw -F raw extover.qcow2 4M
          qemu-img create -q -f qcow2 -o cluster_size=4k small.qcow2 4M
@@ -627,6 +628,21 @@ fn truncate_map_alloc_info() {
         "over.qcow2",
         &[],
         &["truncate 1000k", "truncate 3000k", "map", "read -v 999k 16"],
+    );
+    // v2 has no zero flag: QEMU refuses to grow over the backing file, unless
+    // preallocation gives the new area clusters of zeros.
+    d.same(
+        "v2over.qcow2",
+        &[],
+        &[
+            "truncate 3M",
+            "length",
+            "truncate -m metadata 3M",
+            "truncate -m falloc 3M",
+            "length",
+            "map",
+            "read -P 0 1M 2M",
+        ],
     );
     d.same(
         "plain.qcow2",

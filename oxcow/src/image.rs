@@ -12,6 +12,8 @@ use crate::storage::{FileStorage, NoFlush, Storage};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+mod bitmaps;
+
 /// Image formats oxcow reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -349,7 +351,6 @@ impl Image {
         }
         match (&self.qcow2, &self.raw) {
             (Some(q), _) => {
-                q.resize(new_size, shrink)?;
                 // A raw data file stays readable alone: new clusters are mapped at
                 // once, as QEMU maps them.
                 let prealloc =
@@ -358,7 +359,7 @@ impl Image {
                     } else {
                         prealloc
                     };
-                q.preallocate(prealloc, old, new_size)
+                q.resize_preallocated(new_size, shrink, prealloc)
             }
             (None, Some(r)) => r.resize(new_size, prealloc),
             _ => Err(Error::Unsupported("this image cannot be resized".into())),
@@ -384,6 +385,38 @@ impl Image {
                 "Operation not supported: raw images have no backing file".into(),
             )),
         }
+    }
+
+    /// The internal snapshots (none for raw images).
+    pub fn snapshots(&self) -> Vec<crate::format::snapshot::SnapshotEntry> {
+        self.qcow2
+            .as_ref()
+            .map(|q| q.snapshots())
+            .unwrap_or_default()
+    }
+
+    /// Creates an internal snapshot of the active disk (qcow2 opened for writing).
+    pub fn create_snapshot(&self, name: &str) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.create_snapshot(name)
+    }
+
+    /// Reverts the active disk to snapshot `id_or_name` (an ID first, then a name).
+    pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
+        self.snapshot_image()?.apply_snapshot(id_or_name)
+    }
+
+    /// Deletes snapshot `id_or_name` (an ID first, then a name); returns its entry.
+    pub fn delete_snapshot(
+        &self,
+        id_or_name: &str,
+    ) -> Result<crate::format::snapshot::SnapshotEntry> {
+        self.snapshot_image()?.delete_snapshot(id_or_name)
+    }
+
+    fn snapshot_image(&self) -> Result<&Qcow2> {
+        self.qcow2
+            .as_deref()
+            .ok_or_else(|| Error::Unsupported("Operation not supported".into()))
     }
 
     /// The storage holding the image file itself.

@@ -501,3 +501,62 @@ fn discard_frees_space_for_reuse_and_punches_holes() {
     drop(img);
     check_clean(&p);
 }
+
+/// Growing over a longer backing file through the library (`Image::resize`): the
+/// new area reads as zeros and the image is the one `qemu-img resize` makes, byte
+/// for byte (v3); a v2 image refuses, as QEMU does, and keeps its size.
+#[test]
+fn resize_over_a_longer_backing_file_zeroes_the_new_area() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    for compat in ["1.1", "0.10"] {
+        let base = path(&format!("base{compat}.qcow2"));
+        let opts = format!("compat={compat}");
+        qemu(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-o", &opts, &base, "4M",
+        ]);
+        qemu(&["qemu-io", "-c", "write -q -P 0xaa 0 4M", &base]);
+        let (theirs, mine) = (path("theirs.qcow2"), path("mine.qcow2"));
+        qemu(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-o", &opts, "-b", &base, "-F", "qcow2",
+            &theirs, "1000k",
+        ]);
+        qemu(&["qemu-io", "-c", "write -q -P 0xbb 960k 8k", &theirs]);
+        std::fs::copy(&theirs, &mine).unwrap();
+        let img = rw(Path::new(&mine));
+        let res = img.resize(3000 << 10, false, oxcow::Preallocation::Off);
+        if compat == "0.10" {
+            let e = res.unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "Failed to zero out new clusters: Operation not supported"
+            );
+            assert_eq!(img.size(), 1000 << 10, "the size is kept");
+            drop(img);
+            check_clean(Path::new(&mine));
+            continue;
+        }
+        res.unwrap();
+        let all = read_all(&img);
+        assert!(
+            all[..960 << 10].iter().all(|&b| b == 0xaa),
+            "backing data kept"
+        );
+        assert!(
+            all[960 << 10..968 << 10].iter().all(|&b| b == 0xbb),
+            "own data kept"
+        );
+        assert!(all[968 << 10..1000 << 10].iter().all(|&b| b == 0xaa));
+        assert!(
+            all[1000 << 10..].iter().all(|&b| b == 0),
+            "the new area reads zeros"
+        );
+        drop(img);
+        qemu(&["qemu-img", "resize", "-q", &theirs, "3000k"]);
+        check_clean(Path::new(&mine));
+        assert!(
+            std::fs::read(&mine).unwrap() == std::fs::read(&theirs).unwrap(),
+            "the same bytes as qemu-img resize"
+        );
+    }
+}

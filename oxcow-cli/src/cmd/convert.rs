@@ -1442,11 +1442,11 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
                 ctx.error("Source lacks bitmap support");
                 return 1;
             }
-            Some(q) if qcow2 && !q.meta().bitmaps.is_empty() => {
-                ctx.error("Copying persistent bitmaps is not supported by oxcow yet");
-                return 1;
+            Some(_) => {
+                if !super::convert_bitmaps::check(ctx, &srcs[0].img, o.skip_broken) {
+                    return 1;
+                }
             }
-            Some(_) => {}
         }
     }
 
@@ -1702,6 +1702,9 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
         },
     );
     drop(copier);
+    if let (Some(img), true, 0) = (&qcow2_target, o.bitmaps, code) {
+        code = super::convert_bitmaps::copy(ctx, &srcs[0].img, img, o.skip_broken);
+    }
     if let Some(img) = qcow2_target {
         // What the copy left in caches goes to the file now (and to the disk unless
         // the cache mode is unsafe).

@@ -4,9 +4,11 @@ use crate::common::Ctx;
 
 mod amend;
 mod bench;
+mod bitmap;
 mod commit;
 mod compare;
 mod convert;
+mod convert_bitmaps;
 mod create;
 mod dd;
 mod info;
@@ -15,6 +17,7 @@ mod map;
 mod measure;
 mod rebase;
 mod resize;
+mod snapshot;
 
 pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let Some(cmd) = args.first() else {
@@ -26,6 +29,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "amend" => amend::run(ctx, rest),
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
+        "bitmap" => bitmap::run(ctx, rest),
         "map" => map::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
@@ -35,6 +39,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "resize" => resize::run(ctx, rest),
         "rebase" => rebase::run(ctx, rest),
         "commit" => commit::run(ctx, rest),
+        "snapshot" => snapshot::run(ctx, rest),
         "-V" | "--version" => {
             println!("{} version {} (oxcow)", ctx.prog, env!("CARGO_PKG_VERSION"));
             0
@@ -46,7 +51,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, compare, convert, dd, create, resize, rebase, commit (as qemu-img)");
+            println!("Command syntax: info, map, bitmap, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),

@@ -115,6 +115,7 @@ impl Qcow2 {
                 "compressed cluster of {len} bytes does not fit a descriptor"
             )));
         }
+        self.record_write(offset, cs.min(self.size() - offset))?;
         let gidx = offset / cs;
         let mut st = self.lock_cluster(w, gidx)?;
         let l2 = self.l2_for_write(&mut st, offset)?;

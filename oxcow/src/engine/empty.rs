@@ -32,9 +32,14 @@ impl Qcow2 {
         let l1_clusters = (h.l1_size as u64 * 8).div_ceil(cs);
         let block_entries = (cs * 8) >> h.refcount_order;
         let bitmaps = h.autoclear_features & autoclear::BITMAPS != 0
-            && self.meta.bitmaps_ext.is_some_and(|b| b.nb_bitmaps > 0);
+            && self.meta.bitmaps_ext.is_some_and(|b| b.nb_bitmaps > 0)
+            || self.has_persistent_bitmaps();
         h.version >= 3
-            && h.nb_snapshots == 0
+            && self
+                .writer
+                .as_ref()
+                .map_or(h.nb_snapshots, |w| w.state.lock().header.nb_snapshots)
+                == 0
             && !bitmaps
             && 3 + l1_clusters <= block_entries
             && h.crypt_method == CryptMethod::None

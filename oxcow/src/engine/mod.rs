@@ -2,9 +2,11 @@
 //! clusters, subclusters, external data files and backing chains.
 
 pub mod amend;
+pub mod bitmaps;
 pub mod compress;
 pub mod create;
 pub mod decompress;
+pub mod dirtybits;
 mod empty;
 pub mod l2cache;
 pub mod mapping;
@@ -14,6 +16,8 @@ mod preallocate;
 mod read;
 pub mod refcounts;
 pub mod refscan;
+pub mod snapshot;
+mod truncate;
 mod write;
 mod writestate;
 
@@ -23,8 +27,8 @@ use crate::format::be::u64_table;
 use crate::storage::Storage;
 use l2cache::L2Cache;
 use meta::ImageMeta;
-use parking_lot::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use parking_lot::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Options for the qcow2 runtime.
@@ -60,6 +64,10 @@ pub struct Qcow2 {
     file_len: AtomicU64,
     /// The write side; `None` for read-only images.
     writer: Option<writestate::Writer>,
+    /// Dirty bitmaps (of writable images); taken before the writer's lock.
+    bitmaps: Mutex<bitmaps::BitmapSet>,
+    /// Some bitmap records writes (lets writes skip the bitmap lock otherwise).
+    tracking: AtomicBool,
 }
 
 impl Qcow2 {
@@ -102,6 +110,8 @@ impl Qcow2 {
             l1: RwLock::new(l1),
             file_may_have_holes,
             writer,
+            bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
+            tracking: AtomicBool::new(false),
         };
         if q.writer.is_some() {
             if q.meta.header.is_dirty() {
@@ -109,6 +119,7 @@ impl Qcow2 {
                 q.repair_refcounts()?;
             }
             q.prepare_for_writing()?;
+            q.open_bitmaps()?;
         }
         Ok(q)
     }

@@ -46,7 +46,7 @@ impl Qcow2 {
         let file_len = self.file_len();
         let mut r = References::default();
         r.add(bits, 0, cs);
-        let (l1_offset, l1_size, reftable, reftable_offset, reftable_clusters, nb_snap, snap_off) =
+        let (l1_offset, l1_size, reftable, reftable_offset, reftable_clusters, snaps) =
             match &self.writer {
                 Some(w) => {
                     let st = w.state.lock();
@@ -56,8 +56,12 @@ impl Qcow2 {
                         st.refcounts.table().to_vec(),
                         st.refcounts.table_offset(),
                         st.refcounts.table_clusters(),
-                        st.header.nb_snapshots,
-                        st.header.snapshots_offset,
+                        snapshot_tables(
+                            st.header.nb_snapshots,
+                            st.header.snapshots_offset,
+                            st.snapshots_len,
+                            &st.snapshots,
+                        ),
                     )
                 }
                 None => {
@@ -69,8 +73,12 @@ impl Qcow2 {
                         u64_table(&raw),
                         h.refcount_table_offset,
                         h.refcount_table_clusters,
-                        h.nb_snapshots,
-                        h.snapshots_offset,
+                        snapshot_tables(
+                            h.nb_snapshots,
+                            h.snapshots_offset,
+                            self.meta.snapshots_len,
+                            &self.meta.snapshots,
+                        ),
                     )
                 }
             };
@@ -78,13 +86,12 @@ impl Qcow2 {
         r.add(bits, l1_offset, l1_size as u64 * 8);
         let active = self.l1.read().clone();
         self.count_l1(&mut r, &active, file_len)?;
-        if nb_snap > 0 {
-            r.add(bits, snap_off, self.meta.snapshots_len);
-            for s in &self.meta.snapshots {
-                r.add(bits, s.l1_table_offset, s.l1_size as u64 * 8);
-                let mut raw = vec![0u8; s.l1_size as usize * 8];
-                self.storage.read_at(&mut raw, s.l1_table_offset)?;
-                self.count_l1(&mut r, &u64_table(&raw), file_len)?;
+        if let Some((snap_off, snap_len, l1s)) = snaps {
+            r.add(bits, snap_off, snap_len);
+            for (off, size) in l1s {
+                r.add(bits, off, size as u64 * 8);
+                let raw_l1 = super::read_u64_table(self.storage.as_ref(), off, size as usize)?;
+                self.count_l1(&mut r, &raw_l1, file_len)?;
             }
         }
         // The refcount table and its blocks.
@@ -160,6 +167,26 @@ impl Qcow2 {
     }
 }
 
+/// The snapshot table (offset, length) and each snapshot's L1 table (offset, entries).
+type SnapshotTables = Option<(u64, u64, Vec<(u64, u32)>)>;
+
+fn snapshot_tables(
+    nb: u32,
+    offset: u64,
+    len: u64,
+    list: &[crate::format::snapshot::SnapshotEntry],
+) -> SnapshotTables {
+    (nb > 0).then(|| {
+        (
+            offset,
+            len,
+            list.iter()
+                .map(|s| (s.l1_table_offset, s.l1_size))
+                .collect(),
+        )
+    })
+}
+
 impl Qcow2 {
     /// Rewrites every refcount from the references the metadata holds, then clears
     /// the dirty bit: what a read-write open does after a crash with lazy refcounts.
@@ -185,6 +212,10 @@ impl Qcow2 {
         }
         st.refcounts.flush_blocks(io)?;
         io.flush()?;
+        // The COPIED flags follow the refcounts (a crash in the middle of a snapshot
+        // operation can leave them behind), as QEMU's repair sets them.
+        self.fix_copied(&mut st)?;
+        self.flush_locked(&mut st)?;
         self.set_dirty_bit(&mut st, false)?;
         Ok(())
     }

@@ -41,15 +41,15 @@ impl Qcow2 {
     }
 
     /// Called once at a read-write open: clears the autoclear bits of features oxcow
-    /// does not keep up to date (persistent bitmaps, unknown ones), so that other
-    /// programs know their data may be stale.
+    /// does not keep up to date (unknown ones), so that other programs know their data
+    /// may be stale. Persistent bitmaps are kept up to date (engine/bitmaps.rs).
     pub(crate) fn prepare_for_writing(&self) -> Result<()> {
         let w = self.writer()?;
         let mut st = w.state.lock();
         let keep = if self.data_file.is_some() {
-            autoclear::DATA_FILE_RAW
+            autoclear::DATA_FILE_RAW | autoclear::BITMAPS
         } else {
-            0
+            autoclear::BITMAPS
         };
         if st.header.autoclear_features & !keep != 0 {
             st.header.autoclear_features &= keep;
@@ -119,7 +119,14 @@ impl Qcow2 {
             st.refcounts.table_clusters() as u64 * cs,
         ) {
             Some("the refcount table")
-        } else if overlaps(h.snapshots_offset, if h.nb_snapshots > 0 { cs } else { 0 }) {
+        } else if overlaps(
+            h.snapshots_offset,
+            if h.nb_snapshots > 0 {
+                st.snapshots_len.div_ceil(cs).max(1) * cs
+            } else {
+                0
+            },
+        ) {
             Some("the snapshot table")
         } else {
             None
@@ -276,6 +283,7 @@ impl Qcow2 {
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
+        self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
         while done < buf.len() {
@@ -490,6 +498,7 @@ impl Qcow2 {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.writer()?;
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
+        self.record_write(offset, len)?;
         let h = &self.meta.header;
         let cs = self.cluster_size();
         // The granule a zero flag covers: a subcluster, or a cluster.
@@ -513,7 +522,10 @@ impl Qcow2 {
             let at_end = cluster + cs >= self.size.load(Ordering::Acquire)
                 && p.end + cluster == self.size.load(Ordering::Acquire);
             if h.version >= 3 && (g0 < g1 || (at_end && p.start.is_multiple_of(granule))) {
-                let g1 = if at_end {
+                let g1 = if at_end && p.start == 0 {
+                    // The last cluster, zeroed from its start: as a whole cluster.
+                    cs
+                } else if at_end {
                     p.end.div_ceil(granule) * granule
                 } else {
                     g1
@@ -613,6 +625,7 @@ impl Qcow2 {
         let w = self.writer()?;
         let size = self.size.load(Ordering::Acquire);
         check_range(offset, len, size)?;
+        self.record_write(offset, len)?;
         let cs = self.cluster_size();
         let h = &self.meta.header;
         let ext = h.has_extended_l2();
@@ -704,10 +717,15 @@ impl Qcow2 {
             return Ok(());
         };
         let mut st = w.state.lock();
+        self.flush_locked(&mut st)
+    }
+
+    /// `flush` with the writer's lock held.
+    pub(super) fn flush_locked(&self, st: &mut WriteState) -> Result<()> {
         let io = self.storage.as_ref();
         // 1 and 2: refcount blocks, then L2 tables.
         st.refcounts.flush_blocks(io)?;
-        self.write_refcounts_then_l2(&mut st)?;
+        self.write_refcounts_then_l2(st)?;
         self.sync_data()?;
         // 3: the L1 table, now that every table it points to is on disk.
         if st.l1_dirty {
@@ -731,6 +749,11 @@ impl Qcow2 {
                 while c < off + len {
                     if st.refcounts.get(io, c / cs)? == 0 {
                         self.l2_cache.remove(c);
+                        // The next compressed cluster must not go into a free
+                        // cluster that something else may take meanwhile.
+                        if st.free_byte_offset / cs == c / cs {
+                            st.free_byte_offset = 0;
+                        }
                         if punch {
                             io.punch_hole(c, cs)?;
                         }
@@ -744,9 +767,16 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Changes the virtual size. Growing keeps every byte; shrinking needs `shrink`
-    /// and drops everything past the new end.
-    pub fn resize(&self, new_size: u64, shrink: bool) -> Result<()> {
+    /// Changes the virtual size: the L1 table, the header, the data file. Growing
+    /// keeps every byte (and, with `zero_old_tail`, zeroes what the last cluster
+    /// holds past the old end); shrinking needs `shrink` and drops everything past
+    /// the new end.
+    pub(super) fn change_size(
+        &self,
+        new_size: u64,
+        shrink: bool,
+        zero_old_tail: bool,
+    ) -> Result<()> {
         let w = self.writer()?;
         if !new_size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(
@@ -754,6 +784,15 @@ impl Qcow2 {
             ));
         }
         let old_size = self.size.load(Ordering::Acquire);
+        self.check_bitmaps_resizable()?;
+        {
+            let st = w.state.lock();
+            if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
+                return Err(Error::Unsupported(
+                    "Can't resize a v2 image which has snapshots".into(),
+                ));
+            }
+        }
         if new_size < old_size {
             if !shrink {
                 return Err(Error::InvalidArgument(
@@ -820,6 +859,7 @@ impl Qcow2 {
             io.flush()?;
         }
         drop(st);
+        self.resize_bitmaps(new_size)?;
         // The external data file follows the disk exactly, as QEMU resizes it.
         if let Some(d) = &self.data_file {
             if d.len()? != new_size {
@@ -828,11 +868,28 @@ impl Qcow2 {
         }
         // Bytes past the old end inside its last cluster may hold old data: zero them.
         let tail_end = old_size.div_ceil(cs) * cs;
-        if new_size > old_size && !old_size.is_multiple_of(cs) {
-            self.write_zeroes(old_size, tail_end.min(new_size) - old_size, false)?;
-            self.flush()?;
+        if zero_old_tail && new_size > old_size && !old_size.is_multiple_of(cs) {
+            let len = tail_end.min(new_size) - old_size;
+            if !self.reads_as_zeros(old_size, len)? {
+                self.write_zeroes(old_size, len, false)?;
+                self.flush()?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether `offset..offset+len` reads as zeros without a look at any data:
+    /// zero clusters, or unallocated ones with no backing file under them.
+    fn reads_as_zeros(&self, offset: u64, len: u64) -> Result<bool> {
+        use super::mapping::Run;
+        let (run, n) = self.lookup_run(offset, len)?;
+        let no_backing = self.backing.as_ref().is_none_or(|b| b.size() <= offset);
+        Ok(n >= len
+            && match run {
+                Run::Zero { .. } => true,
+                Run::Unallocated { .. } => no_backing,
+                _ => false,
+            })
     }
 
     /// Points the image at another backing file (or none), changing only the header,
@@ -891,6 +948,9 @@ fn range_bits(s0: u32, s1: u32) -> u32 {
 impl Drop for Qcow2 {
     fn drop(&mut self) {
         if let Some(w) = &self.writer {
+            // Bitmaps left in use are not trusted by anyone: that is what a failed
+            // store leaves behind.
+            let _ = self.store_bitmaps();
             if self.flush().is_ok() {
                 // Everything is on disk: a lazy-refcounts image is clean again.
                 let mut st = w.state.lock();

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::format::cluster0::HeaderExtras;
 use crate::format::extension;
 use crate::format::header::Header;
+use crate::format::snapshot::SnapshotEntry;
 use crate::storage::Storage;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashSet;
@@ -30,6 +31,10 @@ pub(crate) struct WriteState {
     pub free_byte_offset: u64,
     /// Set once a metadata overlap was found: no more writes.
     pub corrupt: bool,
+    /// The snapshot table as it is on disk (changed by engine/snapshot.rs).
+    pub snapshots: Vec<SnapshotEntry>,
+    /// Bytes the snapshot table takes in the file.
+    pub snapshots_len: u64,
 }
 
 #[derive(Debug)]
@@ -70,6 +75,16 @@ impl Writer {
                 inflight: HashSet::new(),
                 free_byte_offset: 0,
                 corrupt: false,
+                // An entry without a recorded disk size had the current one (QEMU).
+                snapshots: meta
+                    .snapshots
+                    .iter()
+                    .map(|s| SnapshotEntry {
+                        disk_size: s.disk_size.or(Some(h.size)),
+                        ..s.clone()
+                    })
+                    .collect(),
+                snapshots_len: meta.snapshots_len,
             }),
             done: Condvar::new(),
         })

@@ -5,6 +5,8 @@ use crate::error::{Error, Result};
 
 /// QEMU's cap on a snapshot's extra data.
 pub const MAX_EXTRA_DATA: u32 = 1024;
+/// The extra data QEMU knows and writes: VM state size, disk size, icount.
+pub const KNOWN_EXTRA_DATA: usize = 24;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotEntry {
@@ -88,19 +90,18 @@ impl SnapshotEntry {
         Ok((out, at))
     }
 
+    /// Encodes the entry as QEMU writes it: at least the 24 bytes of extra data it
+    /// knows (the 64-bit VM state size, the disk size and the instruction counter,
+    /// all ones when not recorded), then any unknown extra data unchanged. The 32-bit
+    /// VM state size is 0 when the size does not fit.
     pub fn encode(&self) -> Vec<u8> {
         let mut extra = self.extra.clone();
-        if extra.len() < 16 {
-            extra.resize(16, 0);
+        if extra.len() < KNOWN_EXTRA_DATA {
+            extra.resize(KNOWN_EXTRA_DATA, 0);
         }
         put_u64(&mut extra, 0, self.vm_state_size);
         put_u64(&mut extra, 8, self.disk_size.unwrap_or(0));
-        if let Some(ic) = self.icount {
-            if extra.len() < 24 {
-                extra.resize(24, 0);
-            }
-            put_u64(&mut extra, 16, ic);
-        }
+        put_u64(&mut extra, 16, self.icount.unwrap_or(u64::MAX));
         let total = 40 + extra.len() + self.id.len() + self.name.len();
         let mut b = vec![0u8; total.div_ceil(8) * 8];
         put_u64(&mut b, 0, self.l1_table_offset);
@@ -128,17 +129,34 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(l1 in 0u64..(1<<40), id in "[0-9]{1,4}", name in "[a-z ]{0,30}", vm in any::<u64>(), disk in any::<u64>(), icount in proptest::option::of(any::<u64>()), sec: u32, nsec: u32, clock: u64) {
-            let mut extra = vec![0u8; if icount.is_some() { 24 } else { 16 }];
+        fn roundtrip(l1 in 0u64..(1<<40), id in "[0-9]{1,4}", name in "[a-z ]{0,30}", vm in any::<u64>(), disk in any::<u64>(), icount in any::<u64>(), unknown in proptest::collection::vec(any::<u8>(), 0..40), sec: u32, nsec: u32, clock: u64) {
+            let mut extra = vec![0u8; 24];
             put_u64(&mut extra, 0, vm);
             put_u64(&mut extra, 8, disk);
-            if let Some(i) = icount { put_u64(&mut extra, 16, i); }
+            put_u64(&mut extra, 16, icount);
+            extra.extend_from_slice(&unknown);
+            let icount = Some(icount);
             let e = SnapshotEntry { l1_table_offset: l1 << 16, l1_size: 3, id, name, date_sec: sec, date_nsec: nsec, vm_clock_nsec: clock, vm_state_size: vm, disk_size: Some(disk), icount, extra };
             let b = e.encode();
             prop_assert_eq!(b.len() % 8, 0);
             let (p, len) = SnapshotEntry::parse(&b).unwrap();
             prop_assert_eq!(len, b.len());
             prop_assert_eq!(p, e);
+        }
+
+        #[test]
+        fn short_extra_data_grows_to_what_qemu_writes(vm in 0u64..(1 << 32), disk: u64) {
+            // A v2 entry of old: 16 bytes of extra data, no instruction counter.
+            let mut extra = vec![0u8; 16];
+            put_u64(&mut extra, 0, vm);
+            put_u64(&mut extra, 8, disk);
+            let e = SnapshotEntry { l1_table_offset: 1 << 16, l1_size: 1, id: "1".into(), name: "a".into(), date_sec: 0, date_nsec: 0, vm_clock_nsec: 0, vm_state_size: vm, disk_size: Some(disk), icount: None, extra };
+            let b = e.encode();
+            prop_assert_eq!(u32_at(&b, 36), 24);
+            prop_assert_eq!(u32_at(&b, 32) as u64, vm);
+            let (p, _) = SnapshotEntry::parse(&b).unwrap();
+            prop_assert_eq!(p.icount, Some(u64::MAX));
+            prop_assert_eq!(p.disk_size, Some(disk));
         }
 
         #[test]

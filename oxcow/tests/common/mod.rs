@@ -800,3 +800,5 @@ pub fn tempdir() -> tempfile::TempDir {
     }
     dir
 }
+
+pub mod bitmaps;

@@ -142,7 +142,6 @@ pub fn truncate_f(st: &mut State, argv: &[String]) -> i32 {
         Err("Preallocation can't be used for shrinking an image".to_string())
     } else {
         img.resize(offset, true, prealloc)
-            .and_then(|()| zero_over_backing(img, old, offset))
             .map_err(|e| e.to_string())
     };
     match res {
@@ -158,18 +157,6 @@ pub fn truncate_f(st: &mut State, argv: &[String]) -> i32 {
             -EINVAL
         }
     }
-}
-
-/// QEMU's `bdrv_co_truncate()`: when an image grows over a backing file that reaches
-/// past its old end, the new area is zeroed, so that the backing file does not show
-/// through it.
-fn zero_over_backing(img: &oxcow::Image, old: u64, new: u64) -> oxcow::Result<()> {
-    let backing_len = img.backing_image().map_or(0, |b| b.size());
-    if new > old && backing_len > old {
-        img.write_zeroes(old, new - old, false)?;
-        img.flush()?;
-    }
-    Ok(())
 }
 
 /// `length`.

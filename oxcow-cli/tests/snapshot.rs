@@ -1,0 +1,285 @@
+//! `snapshot` against qemu-img 10 as the oracle: each case copies a template
+//! directory of images (made by qemu-img and qemu-io) twice, runs the same command
+//! line through qemu-img and through oxcow (a symlink named `qemu-img`), and requires
+//! the same stdout, stderr and exit code. Then both images must hold the same
+//! snapshots (`snapshot -l`, dates aside when the command created one), the same
+//! active disk (`qemu-img compare`) and pass `qemu-img check` cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn run(prog: &Path, dir: &Path, args: &[&str]) -> Output {
+    Command::new(prog)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
+    let o = run(Path::new(prog), dir, args);
+    assert!(o.status.success(), "{prog} {args:?}: {o:?}");
+    text(&o.stdout)
+}
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    ox: PathBuf,
+}
+
+impl Fixture {
+    /// Images: `snaps.qcow2` (three snapshots by QEMU, two named alike, one taken
+    /// at another disk size), `empty.qcow2`, `plain.raw`, `df.qcow2` (an external
+    /// data file), `rb1.qcow2` (1-bit refcounts, with data), `v2.qcow2` (a snapshot).
+    fn new() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let bin = tmp.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let ox = bin.join("qemu-img");
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
+        let tpl = tmp.path().join("tpl");
+        std::fs::create_dir(&tpl).unwrap();
+        let q = |args: &[&str]| ok(&tpl, "qemu-img", args);
+        let io = |img: &str, cmds: &[&str]| {
+            let mut a = Vec::new();
+            for c in cmds {
+                a.push("-c");
+                a.push(c);
+            }
+            a.push(img);
+            ok(&tpl, "qemu-io", &a);
+        };
+        q(&["create", "-q", "-f", "qcow2", "snaps.qcow2", "4M"]);
+        io(
+            "snaps.qcow2",
+            &["write -P 1 0 256k", "write -c -P 2 1M 64k"],
+        );
+        q(&["snapshot", "-c", "one", "snaps.qcow2"]);
+        io("snaps.qcow2", &["write -P 3 64k 64k"]);
+        q(&["snapshot", "-c", "twin", "snaps.qcow2"]);
+        q(&["resize", "-q", "snaps.qcow2", "6M"]);
+        io("snaps.qcow2", &["write -P 4 5M 64k"]);
+        q(&["snapshot", "-c", "twin", "snaps.qcow2"]);
+        io("snaps.qcow2", &["write -P 5 0 64k"]);
+        q(&["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]);
+        q(&["create", "-q", "-f", "raw", "plain.raw", "1M"]);
+        q(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.data",
+            "df.qcow2",
+            "1M",
+        ]);
+        q(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "refcount_bits=1",
+            "rb1.qcow2",
+            "1M",
+        ]);
+        io("rb1.qcow2", &["write -P 6 0 64k"]);
+        q(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            "v2.qcow2",
+            "1M",
+        ]);
+        io("v2.qcow2", &["write -P 7 0 64k"]);
+        q(&["snapshot", "-c", "old", "v2.qcow2"]);
+        io("v2.qcow2", &["write -P 8 0 4k"]);
+        Fixture { tmp, ox }
+    }
+
+    fn copy(&self, name: &str) -> PathBuf {
+        let d = self.tmp.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        for e in std::fs::read_dir(self.tmp.path().join("tpl")).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        d
+    }
+}
+
+/// `snapshot -l` without the DATE column (for images where each tool created one).
+fn list_without_dates(dir: &Path, img: &str) -> Vec<String> {
+    ok(dir, "qemu-img", &["snapshot", "-l", img])
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            if w.len() >= 8 && w[0].bytes().all(|b| b.is_ascii_digit()) {
+                // ID TAG VM_SIZE(2 words) DATE(2 words) VM_CLOCK ICOUNT
+                format!("{} {} {} {} {} {}", w[0], w[1], w[2], w[3], w[6], w[7])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect()
+}
+
+fn case(f: &Fixture, n: usize, args: &[&str], touched: Option<&str>) {
+    let qd = f.copy(&format!("q{n}"));
+    let od = f.copy(&format!("o{n}"));
+    let want = run(Path::new("qemu-img"), &qd, args);
+    let got = run(&f.ox, &od, args);
+    assert_eq!(
+        (text(&got.stdout), text(&got.stderr), got.status.code()),
+        (text(&want.stdout), text(&want.stderr), want.status.code()),
+        "qemu-img {args:?}: oxcow (left) and qemu-img (right) differ"
+    );
+    let Some(img) = touched else { return };
+    assert_eq!(
+        list_without_dates(&od, img),
+        list_without_dates(&qd, img),
+        "{args:?}: snapshot lists differ"
+    );
+    let ours = od.join(img);
+    let theirs = qd.join(img);
+    ok(
+        Path::new("/"),
+        "qemu-img",
+        &["compare", ours.to_str().unwrap(), theirs.to_str().unwrap()],
+    );
+    let check = ok(&od, "qemu-img", &["check", img]);
+    assert!(check.contains("No errors were found"), "{args:?}: {check}");
+    // Every snapshot holds the same contents too.
+    for line in list_without_dates(&qd, img).iter().skip(2) {
+        let id = line.split(' ').next().unwrap();
+        let opt = format!("snapshot.id={id}");
+        let a = od.join("a.raw");
+        let b = qd.join("b.raw");
+        ok(
+            &od,
+            "qemu-img",
+            &["convert", "-l", &opt, "-O", "raw", img, a.to_str().unwrap()],
+        );
+        ok(
+            &qd,
+            "qemu-img",
+            &["convert", "-l", &opt, "-O", "raw", img, b.to_str().unwrap()],
+        );
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{args:?}: snapshot {id} differs"
+        );
+    }
+}
+
+#[test]
+fn list_text_and_errors_match_qemu_img() {
+    let f = Fixture::new();
+    let cases: &[(&[&str], Option<&str>)] = &[
+        (&["snapshot", "-l", "snaps.qcow2"], None),
+        (&["snapshot", "snaps.qcow2"], None),
+        (&["snapshot", "--list", "-U", "-q", "snaps.qcow2"], None),
+        (&["snapshot", "-f", "qcow2", "-l", "v2.qcow2"], None),
+        (&["snapshot", "-l", "empty.qcow2"], None),
+        (&["snapshot", "-l", "plain.raw"], None),
+        (&["snapshot", "-f", "raw", "-l", "snaps.qcow2"], None),
+        (&["snapshot", "-l", "df.qcow2"], None),
+        (&["snapshot", "-l", "missing.qcow2"], None),
+        (&["snapshot", "-f", "foo", "-l", "snaps.qcow2"], None),
+        (&["snapshot", "--help"], None),
+        (&["snapshot"], None),
+        (&["snapshot", "-l", "a", "b"], None),
+        (&["snapshot", "-l", "-c", "x", "snaps.qcow2"], None),
+        (&["snapshot", "-a", "x", "-d", "y", "snaps.qcow2"], None),
+        (&["snapshot", "-x", "snaps.qcow2"], None),
+        (&["snapshot", "snaps.qcow2", "-c"], None),
+        (&["snapshot", "--list=3", "snaps.qcow2"], None),
+        (
+            &[
+                "snapshot",
+                "--image-opts",
+                "-f",
+                "qcow2",
+                "-l",
+                "snaps.qcow2",
+            ],
+            None,
+        ),
+        (&["snapshot", "-U", "-c", "x", "snaps.qcow2"], None),
+        // Changes, and their errors.
+        (
+            &["snapshot", "-a", "nope", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        (
+            &["snapshot", "-d", "nope", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        // -d finds by name only: an ID is not found.
+        (&["snapshot", "-d", "1", "snaps.qcow2"], Some("snaps.qcow2")),
+        (
+            &["snapshot", "-d", "twin", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        (
+            &["snapshot", "-d", "one", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        // -a finds by ID, then by name; the disk size comes back.
+        (&["snapshot", "-a", "1", "snaps.qcow2"], Some("snaps.qcow2")),
+        (
+            &["snapshot", "-a", "twin", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        (&["snapshot", "-a", "3", "snaps.qcow2"], Some("snaps.qcow2")),
+        (
+            &["snapshot", "-q", "-c", "one", "snaps.qcow2"],
+            Some("snaps.qcow2"),
+        ),
+        (
+            &["snapshot", "-c", "new", "empty.qcow2"],
+            Some("empty.qcow2"),
+        ),
+        (&["snapshot", "-c", "new", "v2.qcow2"], Some("v2.qcow2")),
+        (&["snapshot", "-a", "old", "v2.qcow2"], Some("v2.qcow2")),
+        (&["snapshot", "-d", "old", "v2.qcow2"], Some("v2.qcow2")),
+        // qemu-img 10's long forms take no argument.
+        (&["snapshot", "--create", "new", "v2.qcow2"], None),
+        (&["snapshot", "--delete=old", "v2.qcow2"], None),
+        (&["snapshot", "--apply", "v2.qcow2"], Some("v2.qcow2")),
+        (&["snapshot", "-cfoo", "v2.qcow2"], Some("v2.qcow2")),
+        (&["snapshot", "-lcfoo", "v2.qcow2"], None),
+        (&["snapshot", "-c", "full", "rb1.qcow2"], None),
+        (&["snapshot", "-c", "x", "plain.raw"], None),
+        (&["snapshot", "-a", "x", "plain.raw"], None),
+        (&["snapshot", "-d", "x", "plain.raw"], None),
+        (&["snapshot", "-f", "raw", "-c", "x", "plain.raw"], None),
+        (&["snapshot", "-c", "x", "df.qcow2"], None),
+        (&["snapshot", "-a", "x", "df.qcow2"], None),
+        (&["snapshot", "-d", "x", "df.qcow2"], None),
+        (&["snapshot", "-c", "x", "missing.qcow2"], None),
+    ];
+    for (n, (args, touched)) in cases.iter().enumerate() {
+        case(&f, n, args, *touched);
+    }
+}
+
+/// Names longer than QEMU's 255-byte buffer are cut as QEMU cuts them.
+#[test]
+fn long_names_are_cut_at_255_bytes() {
+    let f = Fixture::new();
+    let name = "n".repeat(300);
+    case(
+        &f,
+        0,
+        &["snapshot", "-c", &name, "empty.qcow2"],
+        Some("empty.qcow2"),
+    );
+}
