@@ -444,6 +444,11 @@ impl Qcow2 {
             }
             if let Some(changed) = table {
                 self.l2_cache.insert_dirty(l2, changed);
+                // Dirty tables stay cached until written: keep the cache bounded
+                // (refcount blocks first, as every write-back does).
+                if self.l2_cache.over_capacity() {
+                    self.write_refcounts_then_l2(st)?;
+                }
             }
             let alone = st.refcounts.get(io, l2 / cs)? == 1;
             new_l1[i] = if alone { l2 | COPIED } else { l2 };
