@@ -242,7 +242,7 @@ impl Qcow2 {
         })
     }
 
-    fn count(
+    pub(crate) fn count(
         &self,
         res: &mut CheckReport,
         fix: Fix,
