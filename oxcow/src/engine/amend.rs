@@ -209,21 +209,12 @@ fn count_without_refcounts(
         data.clone(),
         None,
         &EngineOptions {
+            l2_cache_bytes: None,
             writable: false,
-            ..EngineOptions::default()
+            check: false,
         },
     )?;
-    let mut res = super::check::CheckReport::default();
-    let (imrt, _, _) = q.count(&mut res, super::check::Fix::None, None)?;
-    if res.corruptions > 0 {
-        return Err(Error::corrupt(
-            "the image has errors; repair it with 'qemu-img check -r all' first",
-            0,
-        ));
-    }
-    let mut counts: Vec<u32> = (0..imrt.len())
-        .map(|c| imrt.get(c).min(u32::MAX as u64) as u32)
-        .collect();
+    let mut counts = q.count_references()?;
     let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
     io.read_at(&mut raw, h.refcount_table_offset)?;
     let mut drop_one = |off: u64| {
