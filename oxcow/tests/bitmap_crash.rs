@@ -156,7 +156,7 @@ fn crash_every_point(dir: &Path, base: &Path, session: impl FnOnce(&Qcow2)) {
         let e = starts.get(k + 1).map_or(log.len(), |n| n - 1);
         for t in 0..3 {
             let mut ops: Vec<&Op> = log[..s].iter().collect();
-            ops.extend(log[s..e].iter().filter(|_| rng.next() % 2 == 0));
+            ops.extend(log[s..e].iter().filter(|_| rng.next().is_multiple_of(2)));
             states.push((format!("subset {t} of {s}..{e}"), ops));
         }
     }
