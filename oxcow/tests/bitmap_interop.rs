@@ -326,3 +326,43 @@ fn in_use_after_crash_is_reported() {
     assert_eq!(qemu_bitmap_list(&path), vec![]);
     assert!(open(&path).bitmap_dirty_ranges("b0").is_err());
 }
+
+/// Resizing keeps the bitmaps (new granules clean), as `qemu-img resize` does.
+#[test]
+fn resize_keeps_bitmaps_like_qemu() {
+    let d = tempdir();
+    let dir = d.path();
+    let a = create_qcow2(dir, "q.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "-g", "4k", "q.qcow2", "b"]);
+    qemu_io(
+        dir,
+        "q.qcow2",
+        &["write 0 4k".to_string(), "write 3M 100k".to_string()],
+    );
+    let b = dir.join("o.qcow2");
+    std::fs::copy(&a, &b).unwrap();
+    for (size, shrink) in [("8M", false), ("3200k", true), ("5M", false)] {
+        let mut args = vec!["resize", "-q"];
+        if shrink {
+            args.push("--shrink");
+        }
+        args.extend(["q.qcow2", size]);
+        qemu_img(dir, &args);
+        {
+            let img = open_rw(&b);
+            let n: u64 = match size {
+                "8M" => 8 << 20,
+                "3200k" => 3200 << 10,
+                _ => 5 << 20,
+            };
+            img.resize(n, shrink, oxcow::Preallocation::Off).unwrap();
+        }
+        assert_eq!(
+            qemu_dirty_ranges(&b, "b"),
+            qemu_dirty_ranges(&a, "b"),
+            "resize to {size}"
+        );
+        assert!(!qemu_dirty_ranges(&a, "b").is_empty());
+        assert_check_clean(&b);
+    }
+}

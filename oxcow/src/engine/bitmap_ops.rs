@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::format::bitmap;
 use std::sync::atomic::Ordering;
 
+const TOO_BIG: &str = "Too much space will be occupied by the bitmap. Use larger granularity";
+
 impl Qcow2 {
     /// The bitmaps, in directory order then newest last.
     pub fn bitmaps(&self) -> Vec<BitmapInfo> {
@@ -91,6 +93,10 @@ impl Qcow2 {
                 "Bitmap name too long: {name}"
             )));
         }
+        if bitmap::data_bytes(self.size(), gbits) > bitmap::MAX_PHYS_SIZE {
+            // Memory is bounded for bitmaps that stay in memory too.
+            return Err(Error::InvalidArgument(TOO_BIG.into()));
+        }
         set.list.push(Bitmap {
             name: name.to_string(),
             enabled: !opts.disabled,
@@ -126,9 +132,7 @@ impl Qcow2 {
         if bytes > bitmap::MAX_PHYS_SIZE
             || bytes > bitmap::MAX_TABLE_SIZE as u64 * self.cluster_size()
         {
-            return Err(
-                "Too much space will be occupied by the bitmap. Use larger granularity".into(),
-            );
+            return Err(TOO_BIG.into());
         }
         if name.len() > bitmap::MAX_NAME as usize {
             return Err(format!(
@@ -217,10 +221,21 @@ impl Qcow2 {
 
     /// Follows a change of the disk size: bitmaps keep their bits, new granules are
     /// clean. Refused while an inconsistent bitmap is stored (as QEMU refuses).
-    pub(crate) fn check_bitmaps_resizable(&self) -> Result<()> {
+    pub(crate) fn check_bitmaps_resizable(&self, new_size: u64) -> Result<()> {
         let set = self.bitmaps.lock();
-        match set.list.iter().find(|b| b.inconsistent) {
-            Some(b) => Err(inconsistent(&b.name)),
+        if let Some(b) = set.list.iter().find(|b| b.inconsistent) {
+            return Err(inconsistent(&b.name));
+        }
+        // Memory stays bounded as the bitmaps grow.
+        match set
+            .list
+            .iter()
+            .find(|b| bitmap::data_bytes(new_size, b.granularity_bits) > bitmap::MAX_PHYS_SIZE)
+        {
+            Some(b) => Err(Error::InvalidArgument(format!(
+                "Bitmap '{}' would be too big for the new size",
+                b.name
+            ))),
             None => Ok(()),
         }
     }
