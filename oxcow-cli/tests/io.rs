@@ -684,6 +684,45 @@ fn truncate_map_alloc_info() {
     );
 }
 
+/// A write whose allocation lands on an L2 table or a refcount block that the
+/// refcounts wrongly call free: QEMU's corruption notice, EIO, then "No medium found"
+/// for later writes, and the same bytes left in the image.
+#[test]
+fn write_over_metadata_marks_the_image_corrupt() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new();
+    // The L2 table is cluster 4; the refcount block (cluster 2) holds 16-bit entries.
+    d.sh("qemu-img create -q -f qcow2 l2.qcow2 4M
+         qemu-io -c 'write -q -P 1 0 64k' l2.qcow2
+         cp l2.qcow2 rb.qcow2
+         printf '\\000\\000' | dd of=l2.qcow2 bs=1 seek=131080 conv=notrunc status=none
+         printf '\\000\\000' | dd of=rb.qcow2 bs=1 seek=131076 conv=notrunc status=none");
+    for (img, what) in [
+        ("l2.qcow2", "active L2 table"),
+        ("rb.qcow2", "refcount block"),
+    ] {
+        let args = [
+            "-c",
+            "write -P 2 1M 64k",
+            "-c",
+            "write -z 2M 4k",
+            "-c",
+            "discard 0 64k",
+            img,
+        ];
+        let o = d.same_io(None, &args, None);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("(overlaps with {what})")), "{err}");
+        let (q, x) = (d.path("qa").join(img), d.path("ox").join(img));
+        assert!(
+            std::fs::read(q).unwrap() == std::fs::read(x).unwrap(),
+            "{img}: the same bytes as qemu-io leaves"
+        );
+    }
+}
+
 #[test]
 fn bad_arguments_and_errors() {
     if !have_qemu() {

@@ -11,6 +11,7 @@ mod empty;
 pub mod l2cache;
 pub mod mapping;
 pub mod meta;
+mod overlap;
 mod prealloc;
 mod preallocate;
 mod read;
@@ -20,6 +21,8 @@ pub mod snapshot;
 mod truncate;
 mod write;
 mod writestate;
+
+pub use overlap::OVERLAP_MESSAGE;
 
 use crate::device::{BlockDevice, LayerStatus, StatusKind};
 use crate::error::{Error, Result};

@@ -81,9 +81,10 @@ impl Qcow2 {
             w.done.wait(&mut st);
         }
         if st.corrupt {
-            return Err(Error::Unsupported(
-                "the image was marked corrupt; writes are stopped".into(),
-            ));
+            // QEMU takes the medium away once it marked the image corrupt.
+            return Err(Error::Io(std::io::Error::from_raw_os_error(
+                libc::ENOMEDIUM,
+            )));
         }
         Ok(st)
     }
@@ -101,46 +102,6 @@ impl Qcow2 {
         self.check_overlap(st, off, n * cs)?;
         self.file_len.fetch_max(off + n * cs, Ordering::AcqRel);
         Ok(off)
-    }
-
-    /// Refuses (and marks the image corrupt) when a freshly allocated range covers
-    /// the header, the L1 table or the refcount table: refcounts that say such
-    /// clusters are free are wrong, and writing there would destroy metadata.
-    pub(super) fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
-        let cs = self.cluster_size();
-        let h = &st.header;
-        let overlaps = |start: u64, l: u64| l > 0 && off < start + l && start < off + len;
-        let what = if off < cs {
-            Some("the header")
-        } else if overlaps(h.l1_table_offset, (h.l1_size as u64 * 8).div_ceil(cs) * cs) {
-            Some("the active L1 table")
-        } else if overlaps(
-            st.refcounts.table_offset(),
-            st.refcounts.table_clusters() as u64 * cs,
-        ) {
-            Some("the refcount table")
-        } else if overlaps(
-            h.snapshots_offset,
-            if h.nb_snapshots > 0 {
-                st.snapshots_len.div_ceil(cs).max(1) * cs
-            } else {
-                0
-            },
-        ) {
-            Some("the snapshot table")
-        } else {
-            None
-        };
-        if let Some(what) = what {
-            self.mark_corrupt(st)?;
-            return Err(Error::corrupt(
-                format!(
-                    "allocation at {off:#x} would overwrite {what}; the image is marked corrupt"
-                ),
-                off,
-            ));
-        }
-        Ok(())
     }
 
     /// With lazy refcounts, refcount blocks may reach the disk later than the tables
@@ -170,7 +131,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn mark_corrupt(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn mark_corrupt(&self, st: &mut WriteState) -> Result<()> {
         st.corrupt = true;
         st.header.incompatible_features |= incompat::CORRUPT;
         let mut b = [0u8; 8];

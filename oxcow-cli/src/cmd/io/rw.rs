@@ -10,9 +10,18 @@ use oxcow::{BlockDevice, StatusKind};
 use std::time::Instant;
 
 /// The errno QEMU's block layer would return for a library error.
+/// (A write refused because it would overwrite metadata also prints QEMU's
+/// corruption notice, as qcow2_signal_corruption() does.)
 pub fn errno_of(e: &oxcow::Error) -> i32 {
     use oxcow::Error as E;
     match e {
+        E::Corrupt { what, .. } if what.starts_with(oxcow::engine::OVERLAP_MESSAGE) => {
+            eprintln!(
+                "qcow2: Marking image as corrupt: {what}; further corruption events will be \
+                 suppressed"
+            );
+            EIO
+        }
         E::Io(io) | E::Open { source: io, .. } => io.raw_os_error().unwrap_or(EIO),
         E::InvalidArgument(_) => EINVAL,
         E::Unsupported(_) => ENOTSUP,
