@@ -67,6 +67,11 @@ impl Fixture {
         io("snaps.qcow2", &["write -P 5 0 64k"]);
         q(&["create", "-q", "-f", "qcow2", "empty.qcow2", "1M"]);
         q(&["create", "-q", "-f", "raw", "plain.raw", "1M"]);
+        q(&["create", "-q", "-f", "qcow2", "zero.qcow2", "0"]);
+        q(&["create", "-q", "-f", "qcow2", "bm.qcow2", "1M"]);
+        io("bm.qcow2", &["write -P 9 0 64k"]);
+        q(&["snapshot", "-c", "s", "bm.qcow2"]);
+        q(&["bitmap", "--add", "bm.qcow2", "b0"]);
         q(&[
             "create",
             "-q",
@@ -257,6 +262,14 @@ fn list_text_and_errors_match_qemu_img() {
         (&["snapshot", "-cfoo", "v2.qcow2"], Some("v2.qcow2")),
         (&["snapshot", "-lcfoo", "v2.qcow2"], None),
         (&["snapshot", "-c", "full", "rb1.qcow2"], None),
+        // Persistent bitmaps forbid reverting (even to a missing snapshot), not the
+        // rest.
+        (&["snapshot", "-a", "s", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-a", "nope", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-c", "t", "bm.qcow2"], Some("bm.qcow2")),
+        (&["snapshot", "-d", "s", "bm.qcow2"], Some("bm.qcow2")),
+        // A disk of 0 bytes has no L1 table; its snapshot neither.
+        (&["snapshot", "-c", "z", "zero.qcow2"], Some("zero.qcow2")),
         (&["snapshot", "-c", "x", "plain.raw"], None),
         (&["snapshot", "-a", "x", "plain.raw"], None),
         (&["snapshot", "-d", "x", "plain.raw"], None),
@@ -282,4 +295,65 @@ fn long_names_are_cut_at_255_bytes() {
         &["snapshot", "-c", &name, "empty.qcow2"],
         Some("empty.qcow2"),
     );
+    // A 0-byte disk: snapshot, apply and delete leave it without any table, as
+    // QEMU leaves it (the header compared byte for byte).
+    let d = f.copy("zero");
+    for args in [["-c", "z"], ["-a", "z"], ["-d", "z"]] {
+        let o = run(&f.ox, &d, &["snapshot", args[0], args[1], "zero.qcow2"]);
+        assert!(o.status.success(), "{o:?}");
+    }
+    let q = f.copy("zero-q");
+    for args in [["-c", "z"], ["-a", "z"], ["-d", "z"]] {
+        ok(
+            &q,
+            "qemu-img",
+            &["snapshot", args[0], args[1], "zero.qcow2"],
+        );
+    }
+    let ours = std::fs::read(d.join("zero.qcow2")).unwrap();
+    let theirs = std::fs::read(q.join("zero.qcow2")).unwrap();
+    assert_eq!(ours[..104], theirs[..104], "headers differ");
+    assert_eq!(ours.len(), theirs.len(), "file lengths differ");
+}
+
+/// The image file with every snapshot's date (date_sec, date_nsec) zeroed.
+fn without_dates(path: &Path) -> Vec<u8> {
+    let mut b = std::fs::read(path).unwrap();
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let n = be32(&b, 60);
+    let mut at = u64::from_be_bytes(b[64..72].try_into().unwrap()) as usize;
+    for _ in 0..n {
+        b[at + 16..at + 24].fill(0);
+        let id = u16::from_be_bytes([b[at + 12], b[at + 13]]) as usize;
+        let name = u16::from_be_bytes([b[at + 14], b[at + 15]]) as usize;
+        let extra = be32(&b, at + 36) as usize;
+        at += (40 + extra + id + name).div_ceil(8) * 8;
+    }
+    b
+}
+
+/// Creating and deleting a snapshot writes the very bytes qemu-img writes (the same
+/// clusters allocated in the same order, the same table, freed clusters punched),
+/// dates aside.
+#[test]
+fn create_and_delete_write_what_qemu_writes() {
+    let f = Fixture::new();
+    for img in ["snaps.qcow2", "v2.qcow2", "empty.qcow2"] {
+        let q = f.copy(&format!("q-{img}"));
+        let o = f.copy(&format!("o-{img}"));
+        let steps: [&[&str]; 3] = [
+            &["snapshot", "-c", "fresh", img],
+            &["snapshot", "-d", "fresh", img],
+            &["snapshot", "-c", "again", img],
+        ];
+        for args in steps {
+            ok(&q, "qemu-img", args);
+            let out = run(&f.ox, &o, args);
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            assert!(
+                without_dates(&o.join(img)) == without_dates(&q.join(img)),
+                "{args:?}: the image files differ"
+            );
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! external data file, as one [`BlockDevice`].
 
 use crate::device::{BlockDevice, LayerStatus};
+use crate::engine::amend::AmendOptions;
 use crate::engine::meta::ImageMeta;
 use crate::engine::{EngineOptions, Qcow2};
 use crate::error::{Error, Result};
@@ -268,6 +269,51 @@ impl Image {
                 })
             }
         }
+    }
+
+    /// Changes the options of the qcow2 image at `path` in place (`qemu-img amend`):
+    /// compatibility level, refcount width, lazy refcounts, then the virtual size.
+    /// Refusals carry qemu-img's messages.
+    pub fn amend(path: impl AsRef<Path>, opts: &AmendOptions, size: Option<u64>) -> Result<()> {
+        let path = path.as_ref();
+        let storage: Arc<dyn Storage> =
+            Arc::new(FileStorage::open(path, true).map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?);
+        if probe(storage.as_ref())? != Format::Qcow2 {
+            return Err(Error::InvalidArgument(
+                "Format driver 'raw' does not support option amendment".into(),
+            ));
+        }
+        let meta = ImageMeta::load(storage.as_ref())?;
+        let data: Option<Arc<dyn Storage>> = match &meta.data_file {
+            Some(name) if meta.header.has_data_file() => {
+                let p = local_path(name, "data file")?;
+                let s = FileStorage::open(Path::new(&p), true).map_err(|source| Error::Open {
+                    path: PathBuf::from(&p),
+                    source,
+                })?;
+                Some(Arc::new(s))
+            }
+            _ => None,
+        };
+        crate::engine::amend::amend(&storage, data, opts)?;
+        drop(storage);
+        if let Some(size) = size {
+            let img = Image::open(
+                path,
+                &OpenOptions {
+                    format: Some(Format::Qcow2),
+                    writable: true,
+                    ..OpenOptions::default()
+                },
+            )?;
+            if size != img.size() {
+                img.resize(size, true, crate::Preallocation::Off)?;
+            }
+        }
+        Ok(())
     }
 
     /// The file name as given (for backing files: as resolved from the overlay).

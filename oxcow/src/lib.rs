@@ -16,6 +16,7 @@ pub mod storage;
 
 pub use create::create_qcow2;
 pub use device::{block_status, BlockDevice, BlockStatus, LayerStatus, StatusKind};
+pub use engine::amend::AmendOptions;
 pub use engine::bitmaps::{BitmapInfo, BitmapOptions};
 pub use engine::create::{CreateOptions, Preallocation};
 pub use engine::dirtybits::DirtyBits;

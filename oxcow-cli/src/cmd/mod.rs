@@ -2,6 +2,7 @@
 
 use crate::common::Ctx;
 
+mod amend;
 mod bench;
 mod bitmap;
 mod commit;
@@ -25,6 +26,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
     let rest = &args[1..];
     match cmd.as_str() {
         "info" => info::run(ctx, rest),
+        "amend" => amend::run(ctx, rest),
         "io" => io::run(ctx, rest),
         "bench" => bench::run(ctx, rest),
         "bitmap" => bitmap::run(ctx, rest),

@@ -207,6 +207,8 @@ fn change(ctx: &Ctx, img: &Image, action: &Action, fmt: Option<&str>) -> u8 {
                 Err("Block driver does not support snapshots".to_string())
             } else if data_file {
                 Err("Failed to load snapshot: Operation not supported".to_string())
+            } else if !img.bitmaps().is_empty() {
+                Err("Device has active dirty bitmaps".to_string())
             } else if oxcow::engine::snapshot::find_snapshot(&img.snapshots(), id).is_none() {
                 Err("Failed to load snapshot: No such file or directory".to_string())
             } else {

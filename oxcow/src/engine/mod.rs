@@ -1,6 +1,7 @@
 //! The qcow2 runtime: guest-to-host mapping, the L2 cache, reading through compressed
 //! clusters, subclusters, external data files and backing chains.
 
+pub mod amend;
 mod bitmap_ops;
 pub mod bitmaps;
 pub mod compress;

@@ -89,8 +89,8 @@ impl Qcow2 {
         let io = self.storage.as_ref();
         let cs = self.cluster_size();
 
-        // The snapshot's own copy of the active L1 table (COPIED belongs to the
-        // active tables only).
+        // The snapshot's own copy of the active L1 table, flags and all as QEMU
+        // copies it (COPIED means nothing in a snapshot's table).
         let l1 = self.l1.read().clone();
         let l1_offset = if l1.is_empty() {
             0
@@ -98,8 +98,7 @@ impl Qcow2 {
             self.alloc_clusters(&mut st, (l1.len() as u64 * 8).div_ceil(cs))?
         };
         if !l1.is_empty() {
-            let copy: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
-            io.write_at(&encode_table(&copy), l1_offset)?;
+            io.write_at(&encode_table(&l1), l1_offset)?;
         }
         // One more reference to everything the active tables reach; the active
         // tables lose COPIED where they are now shared.
@@ -134,6 +133,10 @@ impl Qcow2 {
     /// disk size); the snapshot stays.
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
         let w = self.writer()?;
+        // QEMU refuses to revert a disk that persistent bitmaps describe.
+        if !self.bitmaps().is_empty() {
+            return Err(Error::Unsupported("Device has active dirty bitmaps".into()));
+        }
         let mut st = self.lock_for_snapshots(w)?;
         let idx = find_snapshot(&st.snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
         let sn = st.snapshots[idx].clone();
@@ -166,9 +169,16 @@ impl Qcow2 {
         //    refcounts) before the header names it.
         let mut new_l1: Vec<u64> = sn_l1.iter().map(|e| e & !COPIED).collect();
         new_l1.resize(entries as usize, 0);
-        let new_off = self.alloc_clusters(&mut st, (entries * 8).div_ceil(cs).max(1))?;
+        // (An empty disk has no L1 table at all, as QEMU leaves it.)
+        let new_off = if entries == 0 {
+            0
+        } else {
+            self.alloc_clusters(&mut st, (entries * 8).div_ceil(cs))?
+        };
         st.refcounts.flush_blocks(io)?;
-        io.write_at(&encode_table(&new_l1), new_off)?;
+        if entries > 0 {
+            io.write_at(&encode_table(&new_l1), new_off)?;
+        }
         io.flush()?;
         // 3. One header write switches the active disk.
         let mut fields = [0u8; 24];
@@ -291,11 +301,10 @@ impl Qcow2 {
 
     /// Adds (or removes) one reference to every L2 table `l1` points to and to every
     /// cluster those tables point to, as qcow2_update_snapshot_refcount does with
-    /// +1 / -1. Tables whose last reference goes leave the L2 cache.
+    /// +1 / -1.
     fn update_references(&self, st: &mut WriteState, l1: &[u64], decrease: bool) -> Result<()> {
         let h = &self.meta.header;
         let cs = h.cluster_size();
-        let io = self.storage.as_ref();
         let n = (cs / h.l2_entry_size()) as usize;
         let ext = h.has_extended_l2();
         for (i, &e) in l1.iter().enumerate() {
@@ -325,9 +334,6 @@ impl Qcow2 {
                 self.change_refcount(st, off, len, decrease)?;
             }
             self.change_refcount(st, l2, cs, decrease)?;
-            if decrease && st.refcounts.get(io, l2 / cs)? == 0 {
-                self.l2_cache.remove(l2);
-            }
         }
         Ok(())
     }
@@ -357,6 +363,7 @@ impl Qcow2 {
         }
         loop {
             match st.refcounts.update(io, offset, len, 1, decrease) {
+                Ok(()) if decrease => return self.discard_freed(st, offset, len),
                 Ok(()) => return Ok(()),
                 // A new refcount block was placed; nothing was changed: again.
                 Err(Stop::Again) if !decrease => continue,
@@ -369,6 +376,23 @@ impl Qcow2 {
                 Err(Stop::Failed(e)) => return Err(e),
             }
         }
+    }
+
+    /// Clusters of `offset..offset+len` left without references leave the L2 cache
+    /// and become holes, as QEMU discards what snapshot operations free
+    /// (pass-discard-snapshot). Only called once nothing on disk points to them.
+    fn discard_freed(&self, st: &mut WriteState, offset: u64, len: u64) -> Result<()> {
+        let io = self.storage.as_ref();
+        let cs = self.cluster_size();
+        let mut c = offset / cs * cs;
+        while c < offset + len {
+            if st.refcounts.get(io, c / cs)? == 0 {
+                self.l2_cache.remove(c);
+                io.punch_hole(c, cs)?;
+            }
+            c += cs;
+        }
+        Ok(())
     }
 
     /// A reference taken from an image must point inside the file.
@@ -441,6 +465,11 @@ impl Qcow2 {
         let mut bytes = Vec::new();
         for s in &list {
             bytes.extend_from_slice(&s.encode());
+        }
+        // Entries start 8-byte aligned; QEMU's table ends right after the last name.
+        if let Some(last) = list.last() {
+            let len = last.encoded_len();
+            bytes.truncate(bytes.len() - (len.div_ceil(8) * 8 - len));
         }
         if bytes.len() as u64 > MAX_SNAPSHOT_TABLE_BYTES {
             return Err(Error::InvalidArgument("File too large".into()));

@@ -64,29 +64,7 @@ impl Writer {
             h.refcount_table_offset,
             h.refcount_table_clusters,
         )?;
-        let unknown = meta
-            .extensions
-            .iter()
-            .filter(|e| {
-                !matches!(
-                    e.kind,
-                    extension::BACKING_FORMAT
-                        | extension::FEATURE_TABLE
-                        | extension::BITMAPS
-                        | extension::CRYPTO_HEADER
-                        | extension::DATA_FILE
-                )
-            })
-            .cloned()
-            .collect();
-        let extras = HeaderExtras {
-            backing_file: meta.backing_file.clone(),
-            backing_format: meta.backing_format.clone(),
-            data_file: meta.data_file.clone(),
-            crypto_header: meta.crypto_header,
-            bitmaps: meta.bitmaps_ext,
-            unknown,
-        };
+        let extras = extras_of(meta);
         Ok(Writer {
             state: Mutex::new(WriteState {
                 header: h.clone(),
@@ -110,5 +88,33 @@ impl Writer {
             }),
             done: Condvar::new(),
         })
+    }
+}
+
+/// The header extensions of an image as a rewrite of cluster 0 keeps them (those
+/// oxcow knows are re-encoded, the others kept as they were).
+pub(crate) fn extras_of(meta: &ImageMeta) -> HeaderExtras {
+    let unknown = meta
+        .extensions
+        .iter()
+        .filter(|e| {
+            !matches!(
+                e.kind,
+                extension::BACKING_FORMAT
+                    | extension::FEATURE_TABLE
+                    | extension::BITMAPS
+                    | extension::CRYPTO_HEADER
+                    | extension::DATA_FILE
+            )
+        })
+        .cloned()
+        .collect();
+    HeaderExtras {
+        backing_file: meta.backing_file.clone(),
+        backing_format: meta.backing_format.clone(),
+        data_file: meta.data_file.clone(),
+        crypto_header: meta.crypto_header,
+        bitmaps: meta.bitmaps_ext,
+        unknown,
     }
 }

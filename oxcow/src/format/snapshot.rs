@@ -90,6 +90,11 @@ impl SnapshotEntry {
         Ok((out, at))
     }
 
+    /// The length of the encoded entry before its padding to 8 bytes.
+    pub fn encoded_len(&self) -> usize {
+        40 + self.extra.len().max(KNOWN_EXTRA_DATA) + self.id.len() + self.name.len()
+    }
+
     /// Encodes the entry as QEMU writes it: at least the 24 bytes of extra data it
     /// knows (the 64-bit VM state size, the disk size and the instruction counter,
     /// all ones when not recorded), then any unknown extra data unchanged. The 32-bit
@@ -139,6 +144,7 @@ mod tests {
             let e = SnapshotEntry { l1_table_offset: l1 << 16, l1_size: 3, id, name, date_sec: sec, date_nsec: nsec, vm_clock_nsec: clock, vm_state_size: vm, disk_size: Some(disk), icount, extra };
             let b = e.encode();
             prop_assert_eq!(b.len() % 8, 0);
+            prop_assert_eq!(b.len(), e.encoded_len().div_ceil(8) * 8);
             let (p, len) = SnapshotEntry::parse(&b).unwrap();
             prop_assert_eq!(len, b.len());
             prop_assert_eq!(p, e);
