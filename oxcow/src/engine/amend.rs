@@ -1,5 +1,6 @@
 //! Changing an existing qcow2 image's options in place (`qemu-img amend`): the
-//! compatibility level both ways, the refcount width, lazy refcounts, and the checks
+//! compatibility level both ways, the refcount width, lazy refcounts, the external
+//! data file's name and raw flag, and the checks
 //! QEMU makes on what cannot be changed.
 //!
 //! Every step works on the file itself, one crash-safe change after another:
@@ -33,9 +34,10 @@ pub struct AmendOptions {
     pub backing_file: Option<String>,
     /// Must name the current backing format.
     pub backing_format: Option<String>,
-    /// Only for images that already have an external data file.
+    /// A new name for the external data file (only for images that have one; empty
+    /// removes the name, as QEMU does).
     pub data_file: Option<String>,
-    /// Cannot be set on existing images.
+    /// Can be turned off, not on.
     pub data_file_raw: Option<bool>,
 }
 
@@ -66,13 +68,8 @@ pub fn check(meta: &ImageMeta, o: &AmendOptions) -> Result<()> {
             "data-file can only be set for images that use an external data file",
         ));
     }
-    if o.data_file_raw.is_some() {
+    if o.data_file_raw == Some(true) && !h.data_file_raw() {
         return Err(invalid("data-file-raw cannot be set on existing images"));
-    }
-    if o.data_file.is_some() {
-        return Err(Error::Unsupported(
-            "changing the external data file name is not supported by oxcow".into(),
-        ));
     }
     if (o.backing_file.is_some() || o.backing_format.is_some())
         && (o.backing_file != meta.backing_file || o.backing_format != meta.backing_format)
@@ -142,6 +139,18 @@ pub fn amend(
             }
             write_header(io.as_ref(), &mut h, extras_of(&m))?;
         }
+    }
+    if o.data_file.is_some() || o.data_file_raw == Some(false) {
+        let m = load(io.as_ref())?;
+        let mut h = m.header.clone();
+        let mut x = extras_of(&m);
+        if let Some(name) = &o.data_file {
+            x.data_file = (!name.is_empty()).then(|| name.clone());
+        }
+        if o.data_file_raw == Some(false) {
+            h.autoclear_features &= !crate::format::header::autoclear::DATA_FILE_RAW;
+        }
+        write_header(io.as_ref(), &mut h, x)?;
     }
     if let Some(bits) = o.refcount_bits {
         let m = load(io.as_ref())?;

@@ -641,7 +641,7 @@ impl Qcow2 {
         self.write_refcounts_then_l2(&mut st)
     }
 
-    fn write_refcounts_then_l2(&self, st: &mut WriteState) -> Result<()> {
+    pub(super) fn write_refcounts_then_l2(&self, st: &mut WriteState) -> Result<()> {
         let dirty = self.l2_cache.dirty();
         if dirty.is_empty() {
             return Ok(());
