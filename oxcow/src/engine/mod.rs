@@ -24,6 +24,7 @@ pub mod snapshot;
 mod truncate;
 mod write;
 mod writestate;
+mod zerov2;
 
 pub use overlap::OVERLAP_MESSAGE;
 
