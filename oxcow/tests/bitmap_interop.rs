@@ -366,3 +366,34 @@ fn resize_keeps_bitmaps_like_qemu() {
         assert_check_clean(&b);
     }
 }
+
+/// A check (and repair) of an image open for writing counts the bitmap directory,
+/// tables and data where they are now (the directory moves while the image is open),
+/// not where they were at open: nothing leaks, nothing referenced is freed.
+#[test]
+fn check_while_open_sees_the_bitmaps_where_they_are() {
+    let d = tempdir();
+    let dir = d.path();
+    let path = create_qcow2(dir, "k.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "k.qcow2", "b0"]);
+    qemu_io(dir, "k.qcow2", &["write 0 64k".to_string()]);
+    {
+        let img = open_rw(&path);
+        img.add_bitmap("n", &BitmapOptions::default()).unwrap();
+        img.write_at(&[1; 4096], 1 << 20).unwrap();
+        img.store_bitmaps().unwrap();
+        img.write_at(&[1; 4096], 2 << 20).unwrap();
+        let r = img.check(oxcow::Fix::All).unwrap();
+        assert_eq!(
+            (r.corruptions, r.leaks, r.leaks_fixed),
+            (0, 0, 0),
+            "{:?}",
+            r.messages
+        );
+    }
+    assert_check_clean(&path);
+    assert_eq!(
+        qemu_dirty_ranges(&path, "b0"),
+        vec![(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    );
+}

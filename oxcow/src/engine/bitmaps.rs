@@ -182,6 +182,35 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The bitmap directory the header `h` (with bitmaps extension `ext`) points to,
+    /// read from the disk, when the extension is valid: what reference counting must
+    /// see while the image is open (the directory moves when bitmaps are marked in
+    /// use, stored, added or removed). Takes no lock.
+    pub(crate) fn bitmaps_on_disk(
+        &self,
+        h: &crate::format::header::Header,
+        ext: Option<BitmapsExt>,
+    ) -> Result<Option<(BitmapsExt, Vec<BitmapEntry>)>> {
+        let Some(ext) = ext else {
+            return Ok(None);
+        };
+        if h.autoclear_features & autoclear::BITMAPS == 0 || ext.nb_bitmaps == 0 {
+            return Ok(None);
+        }
+        if ext.directory_size > bitmap::MAX_DIRECTORY_BYTES
+            || ext.directory_offset.saturating_add(ext.directory_size) > self.storage.len()?
+        {
+            return Err(Error::corrupt(
+                "the bitmap directory runs past the end of the file",
+                ext.directory_offset,
+            ));
+        }
+        let mut raw = vec![0u8; ext.directory_size as usize];
+        self.storage.read_at(&mut raw, ext.directory_offset)?;
+        let entries = BitmapEntry::parse_directory(&raw, ext.nb_bitmaps)?;
+        Ok(Some((ext, entries)))
+    }
+
     /// Reads a bitmap's data (its entry already checked).
     pub(crate) fn read_bitmap(&self, e: &BitmapEntry) -> Result<DirtyBits> {
         let cs = self.cluster_size();
