@@ -32,8 +32,8 @@ fn open(storage: Arc<dyn Storage>) -> Qcow2 {
         None,
         None,
         &EngineOptions {
-            l2_cache_bytes: None,
             writable: true,
+            ..Default::default()
         },
     )
     .unwrap()
