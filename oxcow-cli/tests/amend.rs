@@ -352,6 +352,10 @@ fn refcount_widths() {
     }
     assert!(d.amend("rc8.qcow2", &["-o", "refcount_bits=16"]));
     assert!(d.amend("z.qcow2", &["-p", "-q", "-o", "refcount_bits=64"]));
+    // QEMU's progress: one step per refcount table entry and walk.
+    assert!(d.amend("z.qcow2", &["-p", "-o", "refcount_bits=8"]));
+    assert!(d.amend("c.qcow2", &["-p", "-o", "refcount_bits=64"]));
+    assert!(d.amend("v2.qcow2", &["-p", "-o", "compat=1.1,refcount_bits=2"]));
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub struct OpenOptions {
     /// Never wait for the disk (QEMU's cache=unsafe, qemu-img convert's default for
     /// its target): fast, but a power cut may leave the image inconsistent.
     pub cache_unsafe: bool,
+    /// Open to check (and with `writable`, repair) the image: see
+    /// [`crate::engine::EngineOptions::check`].
+    pub check: bool,
 }
 
 impl Default for OpenOptions {
@@ -68,6 +71,7 @@ impl Default for OpenOptions {
             max_chain_depth: MAX_CHAIN_DEPTH,
             writable: false,
             cache_unsafe: false,
+            check: false,
         }
     }
 }
@@ -135,6 +139,7 @@ impl Image {
         }
         // Only the image itself is opened for writing, never its backing files.
         let writable = opts.writable && seen.is_empty();
+        let check = opts.check && seen.is_empty();
         let path = Path::new(filename);
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::open(path, writable).map_err(
             |source| Error::Open {
@@ -249,6 +254,7 @@ impl Image {
                 let engine = EngineOptions {
                     l2_cache_bytes: opts.l2_cache_bytes,
                     writable,
+                    check,
                 };
                 let q = Arc::new(Qcow2::open(
                     meta,
@@ -442,6 +448,21 @@ impl Image {
     }
 
     /// The storage holding the image file itself.
+    /// Checks the image (not its backing files) as `qemu-img check` does, repairing
+    /// what `fix` allows (the image must then be open for writing). Raw images
+    /// have nothing to check: `Error::Unsupported`.
+    pub fn check(
+        &self,
+        fix: crate::engine::check::Fix,
+    ) -> Result<crate::engine::check::CheckReport> {
+        match &self.qcow2 {
+            Some(q) => q.check(fix),
+            None => Err(Error::Unsupported(
+                "This image format does not support checks".into(),
+            )),
+        }
+    }
+
     pub fn file(&self) -> &Arc<dyn Storage> {
         &self.file
     }

@@ -18,6 +18,7 @@ pub use create::create_qcow2;
 pub use device::{block_status, BlockDevice, BlockStatus, LayerStatus, StatusKind};
 pub use engine::amend::AmendOptions;
 pub use engine::bitmaps::{BitmapInfo, BitmapOptions};
+pub use engine::check::{CheckReport, Fix};
 pub use engine::create::{CreateOptions, Preallocation};
 pub use engine::dirtybits::DirtyBits;
 pub use engine::Qcow2;

@@ -76,6 +76,7 @@ fn open(
         &EngineOptions {
             l2_cache_bytes: cache,
             writable,
+            ..Default::default()
         },
     )
 }

@@ -32,6 +32,7 @@ fn open(storage: Arc<dyn Storage>, writable: bool) -> oxcow::Result<Qcow2> {
         &EngineOptions {
             l2_cache_bytes: None,
             writable,
+            ..Default::default()
         },
     )
 }

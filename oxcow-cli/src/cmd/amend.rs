@@ -191,16 +191,17 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
     }
     // Opened read-only to check it and for qemu-img's messages; the library opens it
     // for writing itself.
-    let format = match common::open_image(filename, a.fmt.as_deref(), &OpenOptions::default()) {
-        Ok(img) => {
-            warn_probed_raw(a.fmt.as_deref(), &img);
-            img.format()
-        }
-        Err(msg) => {
-            ctx.error(msg);
-            return 1;
-        }
-    };
+    let (format, meta) =
+        match common::open_image(filename, a.fmt.as_deref(), &OpenOptions::default()) {
+            Ok(img) => {
+                warn_probed_raw(a.fmt.as_deref(), &img);
+                (img.format(), img.qcow2().map(|q| q.meta().clone()))
+            }
+            Err(msg) => {
+                ctx.error(msg);
+                return 1;
+            }
+        };
     if help {
         return print_amend_help(ctx, format.name());
     }
@@ -229,8 +230,10 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
     };
     progress.print(0.0, 0);
     let r = Image::amend(filename, &amend, size);
-    if amend.version == Some(2) && r.is_ok() {
-        progress.print(100.0, 0);
+    if let (Some(meta), Ok(())) = (&meta, &r) {
+        for (offset, total) in progress_plan(meta, &amend) {
+            progress.print(100.0 * offset as f32 / total as f32, 0);
+        }
     }
     progress.print(100.0, 0);
     match r {
@@ -243,6 +246,55 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
             1
         }
     }
+}
+
+/// The progress QEMU reports for a successful amend of the image described by `meta`
+/// (qcow2_amend_options' status callbacks through its helper that spreads the
+/// operations over one scale): (done, total) pairs. The upgrade reports three steps;
+/// the refcount width change one per refcount table entry in each of its walks over
+/// the old table (two allocation walks, which is what QEMU needs unless the new
+/// structures need more, then the walk writing them), and the end of each walk; the
+/// downgrade one per L1 entry of the active and every snapshot's L1 table.
+fn progress_plan(meta: &oxcow::engine::meta::ImageMeta, o: &AmendOptions) -> Vec<(u64, u64)> {
+    let h = &meta.header;
+    let version = o.version.unwrap_or(h.version);
+    let refcount = o
+        .refcount_bits
+        .is_some_and(|b| b != h.refcount_bits() as u64);
+    let mut ops: Vec<Vec<(u64, u64)>> = Vec::new();
+    if version > h.version {
+        ops.push(vec![(0, 2), (1, 2), (2, 2)]);
+    }
+    if refcount {
+        let n = h.refcount_table_clusters as u64 * (h.cluster_size() / 8);
+        let mut walk = Vec::new();
+        for w in 0..3 {
+            walk.extend((0..n).map(|i| (w * n + i, 3 * n)));
+            walk.push(((w + 1) * n, 3 * n));
+        }
+        ops.push(walk);
+    }
+    if version < h.version {
+        let l1: u64 =
+            h.l1_size as u64 + meta.snapshots.iter().map(|s| s.l1_size as u64).sum::<u64>();
+        ops.push((1..=l1).map(|v| (v, l1)).collect());
+    }
+    let total_ops = (version != h.version) as u64 + refcount as u64;
+    let mut out = Vec::new();
+    let (mut offset_completed, mut last_work) = (0u64, 0u64);
+    for (done_ops, statuses) in ops.iter().enumerate() {
+        if done_ops > 0 {
+            offset_completed += last_work;
+        }
+        let done_ops = done_ops as u64;
+        for &(offset, work) in statuses {
+            last_work = work;
+            let current = offset_completed + work;
+            let projected = current * (total_ops - done_ops - 1) / (done_ops + 1);
+            out.push((offset_completed + offset, current + projected));
+        }
+    }
+    out
 }
 
 /// The options as the library takes them, refused with QEMU's messages.

@@ -5,6 +5,7 @@ use crate::common::Ctx;
 mod amend;
 mod bench;
 mod bitmap;
+mod check;
 mod commit;
 mod compare;
 mod convert;
@@ -31,6 +32,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
         "bench" => bench::run(ctx, rest),
         "bitmap" => bitmap::run(ctx, rest),
         "map" => map::run(ctx, rest),
+        "check" => check::run(ctx, rest),
         "measure" => measure::run(ctx, rest),
         "compare" => compare::run(ctx, rest),
         "convert" => convert::run(ctx, rest),
@@ -51,7 +53,7 @@ pub fn dispatch(ctx: &Ctx, args: &[String]) -> u8 {
                 env!("CARGO_PKG_VERSION"),
                 ctx.prog
             );
-            println!("Command syntax: info, map, bitmap, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
+            println!("Command syntax: info, map, bitmap, check, compare, convert, dd, create, resize, rebase, commit, snapshot (as qemu-img)");
             0
         }
         other => ctx.usage_error(format!("Command not found: {other}")),

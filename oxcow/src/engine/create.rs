@@ -178,6 +178,7 @@ pub fn create_on(
         &EngineOptions {
             l2_cache_bytes: None,
             writable: true,
+            check: false,
         },
     )?;
     q.preallocate(mode, 0, opts.size)?;

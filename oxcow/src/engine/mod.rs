@@ -3,6 +3,7 @@
 
 pub mod amend;
 pub mod bitmaps;
+pub mod check;
 pub mod compress;
 pub mod create;
 pub mod decompress;
@@ -15,12 +16,14 @@ mod overlap;
 mod prealloc;
 mod preallocate;
 mod read;
+mod rebuild;
 pub mod refcounts;
 pub mod refscan;
 pub mod snapshot;
 mod truncate;
 mod write;
 mod writestate;
+mod zerov2;
 
 pub use overlap::OVERLAP_MESSAGE;
 
@@ -42,6 +45,10 @@ pub struct EngineOptions {
     pub l2_cache_bytes: Option<u64>,
     /// Open for writing.
     pub writable: bool,
+    /// Open to be checked and repaired (QEMU's BDRV_O_CHECK): an image marked
+    /// corrupt may be opened for writing, a dirty image is not repaired at open, and
+    /// the autoclear bits stay as they are.
+    pub check: bool,
 }
 
 /// Default upper bound for the L2 cache.
@@ -98,7 +105,11 @@ impl Qcow2 {
         let tables = (want / cs).max(4) as usize;
         let file_may_have_holes = prealloc::detect_metadata_preallocation(&meta, storage.as_ref());
         let writer = if opts.writable {
-            Some(writestate::Writer::open(&meta, storage.as_ref())?)
+            Some(writestate::Writer::open(
+                &meta,
+                storage.as_ref(),
+                opts.check,
+            )?)
         } else {
             None
         };
@@ -116,10 +127,10 @@ impl Qcow2 {
             bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
             tracking: AtomicBool::new(false),
         };
-        if q.writer.is_some() {
+        if q.writer.is_some() && !opts.check {
             if q.meta.header.is_dirty() {
                 // Refcounts may be stale after a crash with lazy refcounts.
-                q.repair_refcounts()?;
+                q.repair_dirty()?;
             }
             q.prepare_for_writing()?;
             q.open_bitmaps()?;
@@ -130,6 +141,11 @@ impl Qcow2 {
     /// The end of the image file as the engine knows it.
     pub(crate) fn file_len(&self) -> u64 {
         self.file_len.load(Ordering::Acquire)
+    }
+
+    /// The file grew (to at least `len`) outside the allocator.
+    pub(crate) fn note_file_len(&self, len: u64) {
+        self.file_len.fetch_max(len, Ordering::AcqRel);
     }
 
     pub fn is_writable(&self) -> bool {

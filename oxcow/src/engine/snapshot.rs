@@ -8,7 +8,7 @@
 //! - runs under the writer's lock, once no allocation is under way, after a flush;
 //! - on v3 images, sets the dirty bit first (synced) and clears it last: a crash in
 //!   between leaves refcounts and COPIED flags for the next read-write open to
-//!   recount (`repair_refcounts`), whichever writes reached the disk;
+//!   recount and repair (`check.rs`, `repair_dirty`), whichever writes reached the disk;
 //! - orders its writes so that no reference reaches the disk before the refcount
 //!   covering it, and no refcount is decreased before the reference is gone from the
 //!   disk, so a crash of a v2 image leaks clusters at worst;

@@ -461,6 +461,9 @@ impl Qcow2 {
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
         self.record_write(offset, len)?;
         let h = &self.meta.header;
+        if h.version < 3 && self.backing.is_none() {
+            return self.zero_v2_by_unallocating(w, offset, len);
+        }
         let cs = self.cluster_size();
         // The granule a zero flag covers: a subcluster, or a cluster.
         let granule = if h.has_extended_l2() {
@@ -507,7 +510,7 @@ impl Qcow2 {
         self.writeback_if_needed(w)
     }
 
-    fn write_zero_bytes(&self, w: &Writer, pos: u64, n: u64) -> Result<()> {
+    pub(super) fn write_zero_bytes(&self, w: &Writer, pos: u64, n: u64) -> Result<()> {
         let cs = self.cluster_size();
         let cluster = pos - pos % cs;
         // Nothing to do when the bytes already read as zeros and nothing is allocated.
@@ -580,8 +583,8 @@ impl Qcow2 {
     }
 
     /// Discards whole clusters of `offset..offset+len` (partial clusters are left
-    /// alone, as QEMU does): they read as zeros afterwards (v3), or show the backing
-    /// file (v2), and their host clusters are freed.
+    /// alone, as QEMU does): they read as zeros afterwards and their host clusters
+    /// are freed. A v2 image over a backing file is left alone, as QEMU leaves it.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let w = self.writer()?;
         let size = self.size.load(Ordering::Acquire);
@@ -589,6 +592,11 @@ impl Qcow2 {
         self.record_write(offset, len)?;
         let cs = self.cluster_size();
         let h = &self.meta.header;
+        if h.version < 3 && self.backing.is_some() {
+            // Without a zero flag, a discarded cluster would show the backing file:
+            // QEMU does not discard at all (the request succeeds).
+            return Ok(());
+        }
         let ext = h.has_extended_l2();
         let mut pos = offset.div_ceil(cs) * cs;
         let end = if offset + len == size {

@@ -45,9 +45,9 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn open(meta: &ImageMeta, io: &dyn Storage) -> Result<Writer> {
+    pub fn open(meta: &ImageMeta, io: &dyn Storage, check: bool) -> Result<Writer> {
         let h = &meta.header;
-        if h.is_corrupt() {
+        if h.is_corrupt() && !check {
             return Err(Error::Unsupported(
                 "qcow2: Image is corrupt; cannot be opened read/write".into(),
             ));

@@ -328,6 +328,7 @@ fn open_device(
     let engine = EngineOptions {
         l2_cache_bytes: None,
         writable,
+        check: false,
     };
     Ok(Box::new(Qcow2::open(
         meta, storage, data_file, backing, &engine,
