@@ -211,9 +211,10 @@ fn count_without_refcounts(
         &EngineOptions {
             l2_cache_bytes: None,
             writable: false,
+            check: false,
         },
     )?;
-    let mut counts = q.count_references()?.counts;
+    let mut counts = q.count_references()?;
     let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
     io.read_at(&mut raw, h.refcount_table_offset)?;
     let mut drop_one = |off: u64| {

@@ -242,11 +242,40 @@ impl Qcow2 {
         })
     }
 
+    /// How many references each host cluster of the file has (for changing the
+    /// refcount width: not capped by the current one). Any inconsistency found on
+    /// the way is an error.
+    pub fn count_references(&self) -> Result<Vec<u32>> {
+        let guard = self.writer.as_ref().map(|w| w.state.lock());
+        let mut res = CheckReport::default();
+        let (imrt, _, _) = self.count_with(&mut res, Fix::None, guard.as_deref(), true)?;
+        if res.corruptions != 0 || res.check_errors != 0 {
+            return Err(Error::corrupt(
+                res.messages
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "inconsistent metadata".into()),
+                0,
+            ));
+        }
+        Ok(imrt.into_counts())
+    }
+
     fn count(
         &self,
         res: &mut CheckReport,
         fix: Fix,
         st: Option<&WriteState>,
+    ) -> Result<(Imrt, bool, RefTable)> {
+        self.count_with(res, fix, st, false)
+    }
+
+    fn count_with(
+        &self,
+        res: &mut CheckReport,
+        fix: Fix,
+        st: Option<&WriteState>,
+        unlimited: bool,
     ) -> Result<(Imrt, bool, RefTable)> {
         let h = &self.meta.header;
         let reftable = self.reftable(st)?;
@@ -257,6 +286,9 @@ impl Qcow2 {
             fix,
             rebuild: false,
         };
+        if unlimited {
+            scan.imrt.unlimited();
+        }
         scan.calculate(res, &reftable)?;
         Ok((scan.imrt, scan.rebuild, reftable))
     }

@@ -51,6 +51,16 @@ impl Imrt {
     }
 
     /// Clusters the array covers (QEMU's `nb_clusters`).
+    /// Counts up to `u32::MAX` whatever the refcount width (for a caller that
+    /// changes the width).
+    pub fn unlimited(&mut self) {
+        self.max = u32::MAX as u64;
+    }
+
+    pub fn into_counts(self) -> Vec<u32> {
+        self.counts
+    }
+
     pub fn len(&self) -> u64 {
         self.counts.len() as u64
     }
