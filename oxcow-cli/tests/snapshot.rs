@@ -357,3 +357,100 @@ fn create_and_delete_write_what_qemu_writes() {
         }
     }
 }
+
+/// `convert -l` reads a snapshot as qemu-img does (selection by `snapshot.id=` /
+/// `snapshot.name=` or a bare ID-or-name, at the current disk size, on the first
+/// source only), with its messages and exit codes; the outputs are identical.
+#[test]
+fn convert_reads_snapshots_as_qemu_img() {
+    let f = Fixture::new();
+    let cases: &[&[&str]] = &[
+        &["-l", "one", "-O", "raw", "snaps.qcow2", "out.img"],
+        &["-l", "1", "-O", "raw", "snaps.qcow2", "out.img"],
+        &["-l", "twin", "-O", "raw", "snaps.qcow2", "out.img"],
+        &["-l", "snapshot.id=3", "-O", "raw", "snaps.qcow2", "out.img"],
+        &[
+            "-l",
+            "snapshot.name=twin",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "out.img",
+        ],
+        &[
+            "-l",
+            "snapshot.id=2,snapshot.name=twin",
+            "-O",
+            "qcow2",
+            "snaps.qcow2",
+            "out.img",
+        ],
+        &[
+            "-l",
+            "snapshot.id=1,snapshot.name=twin",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "out.img",
+        ],
+        &["-l", "nope", "-O", "raw", "snaps.qcow2", "out.img"],
+        &["-l", "snapshot.id=9", "-O", "raw", "snaps.qcow2", "out.img"],
+        &[
+            "-l",
+            "snapshot.foo=1",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "out.img",
+        ],
+        &["-l", "snapshot.name", "-O", "raw", "snaps.qcow2", "out.img"],
+        &[
+            "-l",
+            "one",
+            "-l",
+            "3",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "out.img",
+        ],
+        &["-l", "old", "-O", "raw", "v2.qcow2", "out.img"],
+        &["-l", "x", "-O", "raw", "plain.raw", "out.img"],
+        &[
+            "-l",
+            "one",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "v2.qcow2",
+            "out.img",
+        ],
+        &[
+            "-l",
+            "snapshot.id=1",
+            "-O",
+            "raw",
+            "snaps.qcow2",
+            "v2.qcow2",
+            "out.img",
+        ],
+    ];
+    for (n, args) in cases.iter().enumerate() {
+        let mut a = vec!["convert"];
+        a.extend_from_slice(args);
+        case(&f, 100 + n, &a, None);
+        let (q, o) = (
+            f.tmp.path().join(format!("q{}", 100 + n)),
+            f.tmp.path().join(format!("o{}", 100 + n)),
+        );
+        let (qo, oo) = (q.join("out.img"), o.join("out.img"));
+        assert_eq!(qo.exists(), oo.exists(), "{args:?}: output file");
+        if qo.exists() {
+            ok(
+                Path::new("/"),
+                "qemu-img",
+                &["compare", qo.to_str().unwrap(), oo.to_str().unwrap()],
+            );
+        }
+    }
+}

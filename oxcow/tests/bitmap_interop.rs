@@ -326,3 +326,74 @@ fn in_use_after_crash_is_reported() {
     assert_eq!(qemu_bitmap_list(&path), vec![]);
     assert!(open(&path).bitmap_dirty_ranges("b0").is_err());
 }
+
+/// Resizing keeps the bitmaps (new granules clean), as `qemu-img resize` does.
+#[test]
+fn resize_keeps_bitmaps_like_qemu() {
+    let d = tempdir();
+    let dir = d.path();
+    let a = create_qcow2(dir, "q.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "-g", "4k", "q.qcow2", "b"]);
+    qemu_io(
+        dir,
+        "q.qcow2",
+        &["write 0 4k".to_string(), "write 3M 100k".to_string()],
+    );
+    let b = dir.join("o.qcow2");
+    std::fs::copy(&a, &b).unwrap();
+    for (size, shrink) in [("8M", false), ("3200k", true), ("5M", false)] {
+        let mut args = vec!["resize", "-q"];
+        if shrink {
+            args.push("--shrink");
+        }
+        args.extend(["q.qcow2", size]);
+        qemu_img(dir, &args);
+        {
+            let img = open_rw(&b);
+            let n: u64 = match size {
+                "8M" => 8 << 20,
+                "3200k" => 3200 << 10,
+                _ => 5 << 20,
+            };
+            img.resize(n, shrink, oxcow::Preallocation::Off).unwrap();
+        }
+        assert_eq!(
+            qemu_dirty_ranges(&b, "b"),
+            qemu_dirty_ranges(&a, "b"),
+            "resize to {size}"
+        );
+        assert!(!qemu_dirty_ranges(&a, "b").is_empty());
+        assert_check_clean(&b);
+    }
+}
+
+/// A check (and repair) of an image open for writing counts the bitmap directory,
+/// tables and data where they are now (the directory moves while the image is open),
+/// not where they were at open: nothing leaks, nothing referenced is freed.
+#[test]
+fn check_while_open_sees_the_bitmaps_where_they_are() {
+    let d = tempdir();
+    let dir = d.path();
+    let path = create_qcow2(dir, "k.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "k.qcow2", "b0"]);
+    qemu_io(dir, "k.qcow2", &["write 0 64k".to_string()]);
+    {
+        let img = open_rw(&path);
+        img.add_bitmap("n", &BitmapOptions::default()).unwrap();
+        img.write_at(&[1; 4096], 1 << 20).unwrap();
+        img.store_bitmaps().unwrap();
+        img.write_at(&[1; 4096], 2 << 20).unwrap();
+        let r = img.check(oxcow::Fix::All).unwrap();
+        assert_eq!(
+            (r.corruptions, r.leaks, r.leaks_fixed),
+            (0, 0, 0),
+            "{:?}",
+            r.messages
+        );
+    }
+    assert_check_clean(&path);
+    assert_eq!(
+        qemu_dirty_ranges(&path, "b0"),
+        vec![(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    );
+}

@@ -12,7 +12,7 @@ use super::Qcow2;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::format::be::{put_u64, u64_at, u64_table};
-use crate::format::header::incompat;
+use crate::format::header::{autoclear, incompat};
 use crate::format::l1l2::COPIED;
 use crate::format::refcount;
 use crate::format::OFFSET_MASK;
@@ -224,6 +224,7 @@ impl Qcow2 {
                 snapshots_offset: st.header.snapshots_offset,
                 snapshots_len: st.snapshots_len,
                 snapshots: st.snapshots.clone(),
+                bitmaps: self.bitmaps_on_disk(&st.header, st.extras.bitmaps)?,
             },
             None => {
                 let h = &self.meta.header;
@@ -237,6 +238,11 @@ impl Qcow2 {
                     snapshots_offset: h.snapshots_offset,
                     snapshots_len: self.meta.snapshots_len,
                     snapshots: self.meta.snapshots.clone(),
+                    bitmaps: self
+                        .meta
+                        .bitmaps_ext
+                        .filter(|_| h.autoclear_features & autoclear::BITMAPS != 0)
+                        .map(|e| (e, self.meta.bitmaps.clone())),
                 }
             }
         })
