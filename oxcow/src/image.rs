@@ -419,6 +419,28 @@ impl Image {
         self.snapshot_image()?.delete_snapshot(id_or_name)
     }
 
+    /// Reads snapshot `id` / `name` instead of the active disk (both must match when
+    /// both are given), as QEMU's bdrv_snapshot_load_tmp: read-only qcow2 images.
+    pub fn load_snapshot_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        match &self.qcow2 {
+            Some(q) => q.load_snapshot_tmp(id, name),
+            None => Err(Error::Unsupported(format!(
+                "Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+                self.format.name()
+            ))),
+        }
+    }
+
+    /// `load_snapshot_tmp` with `s` as an ID if a snapshot has that ID, else as a
+    /// name (bdrv_snapshot_load_tmp_by_id_or_name).
+    pub fn load_snapshot_tmp_by_id_or_name(&self, s: &str) -> Result<()> {
+        if self.snapshots().iter().any(|x| x.id == s) {
+            self.load_snapshot_tmp(Some(s), None)
+        } else {
+            self.load_snapshot_tmp(None, Some(s))
+        }
+    }
+
     fn snapshot_image(&self) -> Result<&Qcow2> {
         self.qcow2
             .as_deref()
