@@ -233,6 +233,7 @@ fn build(d: &Dir) {
          qemu-img create -q -f qcow2 -o compression_type=zstd zstd0.qcow2 10M
          qemu-io -c 'write -P 1 0 64k' zstd0.qcow2 >/dev/null
          qemu-img create -q -f qcow2 -o refcount_bits=8 rc8.qcow2 10M
+         qemu-io -c 'write -P 1 0 1M' -c 'write -z 2M 1M' rc8.qcow2 >/dev/null
          qemu-img create -q -f qcow2 -o data_file=df.raw df.qcow2 10M
          qemu-io -c 'write -P 1 0 64k' df.qcow2 >/dev/null
          qemu-img create -q -f raw r.raw 1M"
@@ -265,6 +266,8 @@ fn compat_both_ways() {
     assert!(d.amend("z.qcow2", &["-o", "compat=v2"]));
     assert!(d.amend("z.qcow2", &["-p", "-o", "compat=0.10"]));
     assert!(d.amend("z.qcow2", &["-q", "-p", "-o", "compat=1.1"]));
+    // Two operations on one progress scale: the width back to 16 bits, then down.
+    assert!(d.amend("rc8.qcow2", &["-p", "-o", "refcount_bits=16,compat=0.10"]));
     // Refused: what v2 cannot hold.
     for (img, o) in [
         ("ext.qcow2", "compat=0.10"),
