@@ -11,6 +11,7 @@ mod progress;
 mod qjson;
 mod qopt;
 mod sizearg;
+mod snapsel;
 mod snaptable;
 mod source;
 

@@ -326,3 +326,125 @@ fn in_use_after_crash_is_reported() {
     assert_eq!(qemu_bitmap_list(&path), vec![]);
     assert!(open(&path).bitmap_dirty_ranges("b0").is_err());
 }
+
+/// Resizing keeps the bitmaps (new granules clean), as `qemu-img resize` does.
+#[test]
+fn resize_keeps_bitmaps_like_qemu() {
+    let d = tempdir();
+    let dir = d.path();
+    let a = create_qcow2(dir, "q.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "-g", "4k", "q.qcow2", "b"]);
+    qemu_io(
+        dir,
+        "q.qcow2",
+        &["write 0 4k".to_string(), "write 3M 100k".to_string()],
+    );
+    let b = dir.join("o.qcow2");
+    std::fs::copy(&a, &b).unwrap();
+    for (size, shrink) in [("8M", false), ("3200k", true), ("5M", false)] {
+        let mut args = vec!["resize", "-q"];
+        if shrink {
+            args.push("--shrink");
+        }
+        args.extend(["q.qcow2", size]);
+        qemu_img(dir, &args);
+        {
+            let img = open_rw(&b);
+            let n: u64 = match size {
+                "8M" => 8 << 20,
+                "3200k" => 3200 << 10,
+                _ => 5 << 20,
+            };
+            img.resize(n, shrink, oxcow::Preallocation::Off).unwrap();
+        }
+        assert_eq!(
+            qemu_dirty_ranges(&b, "b"),
+            qemu_dirty_ranges(&a, "b"),
+            "resize to {size}"
+        );
+        assert!(!qemu_dirty_ranges(&a, "b").is_empty());
+        assert_check_clean(&b);
+    }
+}
+
+/// A check (and repair) of an image open for writing counts the bitmap directory,
+/// tables and data where they are now (the directory moves while the image is open),
+/// not where they were at open: nothing leaks, nothing referenced is freed.
+#[test]
+fn check_while_open_sees_the_bitmaps_where_they_are() {
+    let d = tempdir();
+    let dir = d.path();
+    let path = create_qcow2(dir, "k.qcow2", "", "4M");
+    qemu_img(dir, &["bitmap", "--add", "k.qcow2", "b0"]);
+    qemu_io(dir, "k.qcow2", &["write 0 64k".to_string()]);
+    {
+        let img = open_rw(&path);
+        img.add_bitmap("n", &BitmapOptions::default()).unwrap();
+        img.write_at(&[1; 4096], 1 << 20).unwrap();
+        img.store_bitmaps().unwrap();
+        img.write_at(&[1; 4096], 2 << 20).unwrap();
+        let r = img.check(oxcow::Fix::All).unwrap();
+        assert_eq!(
+            (r.corruptions, r.leaks, r.leaks_fixed),
+            (0, 0, 0),
+            "{:?}",
+            r.messages
+        );
+    }
+    assert_check_clean(&path);
+    assert_eq!(
+        qemu_dirty_ranges(&path, "b0"),
+        vec![(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
+    );
+}
+
+/// Damaged bitmap metadata (directory entries, tables) never panics: a read-write
+/// open, the bitmap list and reading dirty ranges either work or fail with an error.
+#[test]
+fn damaged_bitmap_metadata_is_an_error_not_a_panic() {
+    let d = tempdir();
+    let dir = d.path();
+    let path = create_qcow2(dir, "x.qcow2", "cluster_size=4k", "4M");
+    qemu_img(dir, &["bitmap", "--add", "-g", "4k", "x.qcow2", "b0"]);
+    qemu_img(dir, &["bitmap", "--add", "x.qcow2", "b1"]);
+    qemu_io(dir, "x.qcow2", &["write 0 1M".to_string()]);
+    let good = std::fs::read(&path).unwrap();
+    // The directory, and the tables it names.
+    let ext = open(&path).qcow2().unwrap().meta().bitmaps_ext.unwrap();
+    let mut spots = vec![(ext.directory_offset, ext.directory_size)];
+    for e in &open(&path).qcow2().unwrap().meta().bitmaps {
+        spots.push((e.table_offset, e.table_size as u64 * 8));
+    }
+    let mut rng = Rng::new(7);
+    let mut refused = 0;
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..rng.between(1, 4) {
+            let (at, len) = spots[rng.below(spots.len() as u64) as usize];
+            let i = (at + rng.below(len)) as usize;
+            bytes[i] = rng.next_u64() as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        match Image::open(
+            &path,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        ) {
+            Ok(img) => {
+                for b in img.bitmaps() {
+                    let _ = img.bitmap_dirty_ranges(&b.name);
+                }
+                let _ = img.write_at(&[1; 512], 4096);
+            }
+            Err(_) => refused += 1,
+        }
+        if let Ok(img) = Image::open(&path, &OpenOptions::default()) {
+            for b in img.bitmaps() {
+                let _ = img.bitmap_dirty_ranges(&b.name);
+            }
+        }
+    }
+    assert!(refused > 0, "some damage must be refused");
+}

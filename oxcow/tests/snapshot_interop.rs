@@ -21,21 +21,21 @@ struct Model {
     active: Vec<u8>,
     /// (id, name, contents)
     snaps: Vec<(String, String, Vec<u8>)>,
-    /// What a discarded cluster shows on v2 (the backing file, else zeros).
+    /// The backing file's contents, if any.
     backing: Option<Vec<u8>>,
     v2: bool,
     cs: u64,
 }
 
 impl Model {
+    /// A discard of whole clusters: zeros, except that v2 images over a backing file
+    /// ignore discards (as QEMU does: they could only show the backing file).
     fn discarded(&mut self, start: usize, end: usize) {
-        let end = end.min(self.active.len());
-        for i in start..end {
-            self.active[i] = match &self.backing {
-                Some(b) if self.v2 => b.get(i).copied().unwrap_or(0),
-                _ => 0,
-            };
+        if self.v2 && self.backing.is_some() {
+            return;
         }
+        let end = end.min(self.active.len());
+        self.active[start..end].fill(0);
     }
 
     fn snap(&self, id_or_name: &str) -> Vec<u8> {

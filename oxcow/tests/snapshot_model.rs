@@ -135,11 +135,9 @@ fn run_program(path: &Path, prog: &Program) -> (Vec<u8>, Vec<(String, Vec<u8>)>)
             } else {
                 (off + len) / cluster * cluster
             };
-            for i in start..end.max(start) {
-                model[i as usize] = match (v2, backing) {
-                    (true, Some(b)) => b.get(i as usize).copied().unwrap_or(0),
-                    _ => 0,
-                };
+            // v2 images over a backing file ignore discards, as QEMU does.
+            if !(v2 && backing.is_some()) && start < end {
+                model[start as usize..end as usize].fill(0);
             }
             what = format!("discard {off:#x}+{len:#x}");
         } else if op < 58 {

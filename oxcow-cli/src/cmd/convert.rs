@@ -160,7 +160,7 @@ struct Opts {
     backing_fmt: Option<String>,
     compress: bool,
     copy_range: bool,
-    snapshot: Option<String>,
+    snapshot: Option<crate::snapsel::SnapshotSel>,
     bitmaps: bool,
     skip_broken: bool,
     salvage: bool,
@@ -230,7 +230,10 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<(Opts, Vec<String>), u8> {
             "f" => o.fmt = Some(arg),
             "image-opts" => o.image_opts = true,
             "T" => o.src_cache = arg,
-            "l" => o.snapshot = Some(arg),
+            "l" => match crate::snapsel::SnapshotSel::parse(ctx, &arg) {
+                Some(sel) => o.snapshot = Some(sel),
+                None => return Err(1),
+            },
             "bitmaps" => o.bitmaps = true,
             "skip-broken-bitmaps" => o.skip_broken = true,
             "salvage" => o.salvage = true,
@@ -1335,13 +1338,17 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             }
         }
     }
-    if o.snapshot.is_some() {
-        if srcs.len() > 1 {
+    // The source's internal snapshot (-l): loaded on the first source only, and a
+    // bare name refuses several sources, as qemu-img does.
+    if let Some(sel) = &o.snapshot {
+        if srcs.len() > 1 && matches!(sel, crate::snapsel::SnapshotSel::IdOrName(_)) {
             ctx.error("No support for concatenating multiple snapshot");
-        } else {
-            ctx.error("Failed to load snapshot: internal snapshots are not supported by oxcow yet");
+            return 1;
         }
-        return 1;
+        if let Err(e) = sel.load(&srcs[0].img) {
+            ctx.error(format!("Failed to load snapshot: {e}"));
+            return 1;
+        }
     }
     let total: u64 = srcs.iter().map(|s| s.len).sum();
     let out_fmt = o.out_fmt.clone().unwrap_or_else(|| "raw".into());

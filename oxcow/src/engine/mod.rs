@@ -2,6 +2,7 @@
 //! clusters, subclusters, external data files and backing chains.
 
 pub mod amend;
+mod bitmap_ops;
 pub mod bitmaps;
 pub mod check;
 pub mod compress;

@@ -115,6 +115,20 @@ impl Imrt {
     }
 }
 
+/// How many L2 tables from L1 index `i` on lie one after the other in the file (at
+/// most 8 MiB of them): they are read with one `pread`.
+pub(crate) fn l2_run(l1: &[u64], i: usize, cs: u64) -> usize {
+    let l2 = l1[i] & OFFSET_MASK;
+    let mut n = 1;
+    while i + n < l1.len()
+        && (n as u64 + 1) * cs <= L2_BATCH_BYTES
+        && l1[i + n] & OFFSET_MASK == l2 + n as u64 * cs
+    {
+        n += 1;
+    }
+    n
+}
+
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
 pub(crate) fn read_padded(io: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
     io.read_at(buf, offset)?;
@@ -171,6 +185,12 @@ pub(crate) struct RefTable {
     pub snapshots_offset: u64,
     pub snapshots_len: u64,
     pub snapshots: Vec<crate::format::snapshot::SnapshotEntry>,
+    /// The bitmap directory and its entries, when the bitmaps extension is valid (a
+    /// writable image rewrites its directory while open: read from the disk then).
+    pub bitmaps: Option<(
+        crate::format::extension::BitmapsExt,
+        Vec<crate::format::bitmap::BitmapEntry>,
+    )>,
 }
 
 impl<'a> Scan<'a> {
@@ -237,7 +257,7 @@ impl<'a> Scan<'a> {
         if let Some(c) = q.meta.crypto_header {
             self.imrt.inc(res, c.offset, c.length);
         }
-        self.check_bitmaps(res)?;
+        self.check_bitmaps(res, reftable)?;
         self.check_refblocks(res, reftable)
     }
 
@@ -260,14 +280,7 @@ impl<'a> Scan<'a> {
                 i += 1;
                 continue;
             }
-            // The run of tables at consecutive offsets that starts here.
-            let mut n = 1;
-            while i + n < l1.len()
-                && (n as u64 + 1) * cs <= L2_BATCH_BYTES
-                && l1[i + n] & OFFSET_MASK == l2 + n as u64 * cs
-            {
-                n += 1;
-            }
+            let n = l2_run(l1, i, cs);
             buf.resize(n * cs as usize, 0);
             let read_ok = read_padded(self.io(), &mut buf, l2).is_ok();
             for k in 0..n {
@@ -436,20 +449,16 @@ impl<'a> Scan<'a> {
 
     /// QEMU's qcow2_check_bitmaps_refcounts: the bitmap directory, each bitmap table
     /// and the clusters they point to (only while the bitmaps extension is valid).
-    fn check_bitmaps(&mut self, res: &mut CheckReport) -> Result<()> {
-        let q = self.q;
-        let h = &q.meta.header;
-        let Some(ext) = q.meta.bitmaps_ext else {
+    fn check_bitmaps(&mut self, res: &mut CheckReport, reftable: &RefTable) -> Result<()> {
+        let Some((ext, entries)) = &reftable.bitmaps else {
             return Ok(());
         };
-        if h.autoclear_features & crate::format::header::autoclear::BITMAPS == 0
-            || ext.nb_bitmaps == 0
-        {
+        if ext.nb_bitmaps == 0 {
             return Ok(());
         }
-        let cs = h.cluster_size();
+        let cs = self.cluster_size();
         self.imrt.inc(res, ext.directory_offset, ext.directory_size);
-        for b in &q.meta.bitmaps {
+        for b in entries {
             self.imrt.inc(res, b.table_offset, b.table_size as u64 * 8);
             if !b.table_offset.is_multiple_of(cs) {
                 res.corruptions += 1;

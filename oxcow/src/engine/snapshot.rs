@@ -231,6 +231,29 @@ impl Qcow2 {
         Ok(sn)
     }
 
+    /// Reads the snapshot that `id` and `name` select (both must match when both are
+    /// given) instead of the active disk from now on, as QEMU's
+    /// bdrv_snapshot_load_tmp does: read-only images only; the disk size stays, and
+    /// past the snapshot's own L1 table nothing is allocated.
+    pub fn load_snapshot_tmp(&self, id: Option<&str>, name: Option<&str>) -> Result<()> {
+        if self.writer.is_some() {
+            return Err(Error::InvalidArgument("Device is not readonly".into()));
+        }
+        let found = (id.is_some() || name.is_some())
+            .then(|| {
+                self.meta
+                    .snapshots
+                    .iter()
+                    .find(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+            })
+            .flatten()
+            .ok_or_else(|| Error::InvalidArgument("Can't find snapshot".into()))?;
+        let l1 = self.read_snapshot_l1(found)?;
+        *self.l1.write() = l1;
+        self.l2_cache.clear();
+        Ok(())
+    }
+
     /// The writer's lock, once no guest cluster allocation is under way.
     fn lock_for_snapshots<'a>(&'a self, w: &'a Writer) -> Result<MutexGuard<'a, WriteState>> {
         let mut st = w.state.lock();

@@ -808,7 +808,7 @@ impl Qcow2 {
             ));
         }
         let old_size = self.size.load(Ordering::Acquire);
-        self.check_bitmaps_resizable()?;
+        self.check_bitmaps_resizable(new_size)?;
         {
             let st = w.state.lock();
             if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
