@@ -311,6 +311,16 @@ fn convert_bitmaps_like_qemu_img() {
             "src.qcow2",
             "out.qcow2",
         ],
+        // Into an existing image that has bitmaps of its own.
+        &[
+            "convert",
+            "-n",
+            "--bitmaps",
+            "-O",
+            "qcow2",
+            "src.qcow2",
+            "a.qcow2",
+        ],
     ] {
         f.same(c);
     }

@@ -278,10 +278,18 @@ impl Image {
     }
 
     /// Changes the options of the qcow2 image at `path` in place (`qemu-img amend`):
-    /// compatibility level, refcount width, lazy refcounts, then the virtual size.
-    /// Refusals carry qemu-img's messages.
-    pub fn amend(path: impl AsRef<Path>, opts: &AmendOptions, size: Option<u64>) -> Result<()> {
+    /// compatibility level, refcount width, lazy refcounts, the external data file's
+    /// name and raw flag, then the virtual size. Refusals carry qemu-img's messages.
+    /// A dirty image (lazy refcounts, then a crash) is repaired first, as QEMU's
+    /// read-write open does: the lines of that repair are returned (qemu-img prints
+    /// them on stderr).
+    pub fn amend(
+        path: impl AsRef<Path>,
+        opts: &AmendOptions,
+        size: Option<u64>,
+    ) -> Result<Vec<String>> {
         let path = path.as_ref();
+        let repaired = Self::repair_if_dirty(path)?;
         let storage: Arc<dyn Storage> =
             Arc::new(FileStorage::open(path, true).map_err(|source| Error::Open {
                 path: path.to_path_buf(),
@@ -319,7 +327,43 @@ impl Image {
                 img.resize(size, true, crate::Preallocation::Off)?;
             }
         }
-        Ok(())
+        Ok(repaired)
+    }
+
+    /// Repairs a qcow2 image whose dirty bit is set (QEMU's check with every fix, at
+    /// a read-write open); returns what the repair printed. Nothing for clean images.
+    fn repair_if_dirty(path: &Path) -> Result<Vec<String>> {
+        let storage = FileStorage::open(path, false).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if probe(&storage)? != Format::Qcow2 || !ImageMeta::load(&storage)?.header.is_dirty() {
+            return Ok(Vec::new());
+        }
+        drop(storage);
+        let img = Image::open(
+            path,
+            &OpenOptions {
+                format: Some(Format::Qcow2),
+                writable: true,
+                check: true,
+                ..OpenOptions::default()
+            },
+        )?;
+        let Some(q) = img.qcow2() else {
+            return Ok(Vec::new());
+        };
+        let report = q.check(crate::engine::check::Fix::All)?;
+        if report.check_errors != 0 || report.corruptions != 0 || report.failure.is_some() {
+            return Err(Error::corrupt(
+                format!(
+                    "Could not repair dirty image{}",
+                    report.failure.map(|f| format!(": {f}")).unwrap_or_default()
+                ),
+                0,
+            ));
+        }
+        Ok(report.messages)
     }
 
     /// The file name as given (for backing files: as resolved from the overlay).

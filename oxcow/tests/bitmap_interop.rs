@@ -397,3 +397,54 @@ fn check_while_open_sees_the_bitmaps_where_they_are() {
         vec![(0, 65536), (1 << 20, 65536), (2 << 20, 65536)]
     );
 }
+
+/// Damaged bitmap metadata (directory entries, tables) never panics: a read-write
+/// open, the bitmap list and reading dirty ranges either work or fail with an error.
+#[test]
+fn damaged_bitmap_metadata_is_an_error_not_a_panic() {
+    let d = tempdir();
+    let dir = d.path();
+    let path = create_qcow2(dir, "x.qcow2", "cluster_size=4k", "4M");
+    qemu_img(dir, &["bitmap", "--add", "-g", "4k", "x.qcow2", "b0"]);
+    qemu_img(dir, &["bitmap", "--add", "x.qcow2", "b1"]);
+    qemu_io(dir, "x.qcow2", &["write 0 1M".to_string()]);
+    let good = std::fs::read(&path).unwrap();
+    // The directory, and the tables it names.
+    let ext = open(&path).qcow2().unwrap().meta().bitmaps_ext.unwrap();
+    let mut spots = vec![(ext.directory_offset, ext.directory_size)];
+    for e in &open(&path).qcow2().unwrap().meta().bitmaps {
+        spots.push((e.table_offset, e.table_size as u64 * 8));
+    }
+    let mut rng = Rng::new(7);
+    let mut refused = 0;
+    for _ in 0..300 {
+        let mut bytes = good.clone();
+        for _ in 0..rng.between(1, 4) {
+            let (at, len) = spots[rng.below(spots.len() as u64) as usize];
+            let i = (at + rng.below(len)) as usize;
+            bytes[i] = rng.next_u64() as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        match Image::open(
+            &path,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        ) {
+            Ok(img) => {
+                for b in img.bitmaps() {
+                    let _ = img.bitmap_dirty_ranges(&b.name);
+                }
+                let _ = img.write_at(&[1; 512], 4096);
+            }
+            Err(_) => refused += 1,
+        }
+        if let Ok(img) = Image::open(&path, &OpenOptions::default()) {
+            for b in img.bitmaps() {
+                let _ = img.bitmap_dirty_ranges(&b.name);
+            }
+        }
+    }
+    assert!(refused > 0, "some damage must be refused");
+}

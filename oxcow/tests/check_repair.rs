@@ -323,6 +323,26 @@ const DAMAGES: &[(&str, bool, Damage)] = &[
         patch_be64(p, l.reftable_offset, far);
         true
     }),
+    ("data cluster over the L1 table", false, |p, l| {
+        let at = l.l2_entry_at(p, DATA);
+        patch_be64(p, at, COPIED | l.l1_offset);
+        true
+    }),
+    ("two L2 entries share a cluster", false, |p, l| {
+        let first = read_be64(p, l.l2_entry_at(p, DATA));
+        let at = l.l2_entry_at(p, DATA + l.cs());
+        patch_be64(p, at, first);
+        true
+    }),
+    ("preallocated zero cluster misaligned", false, |p, l| {
+        if l.extended {
+            return false;
+        }
+        let at = l.l2_entry_at(p, DATA);
+        let e = read_be64(p, at);
+        patch_be64(p, at, (e & 0x00ff_ffff_ffff_fe00) | 0x200 | 1 | COPIED);
+        true
+    }),
     ("extended L2 bitmap with both bits", false, |p, l| {
         if !l.extended {
             return false;
@@ -463,7 +483,7 @@ fn damaged_images_check_and_repair_as_qemu() {
             }
         }
     }
-    assert!(cases > 60, "only {cases} cases ran");
+    assert!(cases > 80, "only {cases} cases ran");
 }
 
 /// Images repaired by oxcow from damage qemu-img made itself: a crash with lazy

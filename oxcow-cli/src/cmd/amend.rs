@@ -230,14 +230,19 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
     };
     progress.print(0.0, 0);
     let r = Image::amend(filename, &amend, size);
-    if let (Some(meta), Ok(())) = (&meta, &r) {
+    if let Ok(repaired) = &r {
+        for line in repaired {
+            eprintln!("{line}");
+        }
+    }
+    if let (Some(meta), Ok(_)) = (&meta, &r) {
         for (offset, total) in progress_plan(meta, &amend) {
             progress.print(100.0 * offset as f32 / total as f32, 0);
         }
     }
     progress.print(100.0, 0);
     match r {
-        Ok(()) => 0,
+        Ok(_) => 0,
         Err(e) => {
             ctx.error(match e {
                 oxcow::Error::Io(io) => common::io_reason(&io),

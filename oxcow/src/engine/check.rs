@@ -506,7 +506,10 @@ impl Qcow2 {
             .map(|s| s.header.l1_table_offset)
             .unwrap_or(h.l1_table_offset);
         let l1 = self.l1.read().clone();
-        let mut table = vec![0u8; cs as usize];
+        // Runs of consecutive L2 tables are read together: `run` holds L1 entries
+        // `run_start..run_start + run_len`.
+        let mut run: Vec<u8> = Vec::new();
+        let (mut run_start, mut run_len) = (0usize, 0usize);
         let word = if repair { "Repairing" } else { "ERROR" };
         for (i, &l1_entry) in l1.iter().enumerate() {
             let l2_offset = l1_entry & OFFSET_MASK;
@@ -537,14 +540,21 @@ impl Qcow2 {
                     res.corruptions_fixed += 1;
                 }
             }
-            if let Err(e) = read_padded(io, &mut table, l2_offset) {
-                res.msg(format!("ERROR: Could not read L2 table: {e}"));
-                res.check_errors += 1;
-                return Ok(());
+            if i < run_start || i >= run_start + run_len {
+                run_start = i;
+                run_len = super::refscan::l2_run(&l1, i, cs);
+                run.resize(run_len * cs as usize, 0);
+                if let Err(e) = read_padded(io, &mut run, l2_offset) {
+                    res.msg(format!("ERROR: Could not read L2 table: {e}"));
+                    res.check_errors += 1;
+                    return Ok(());
+                }
             }
+            let k = i - run_start;
+            let table = &mut run[k * cs as usize..(k + 1) * cs as usize];
             let mut dirty = 0;
             for j in 0..table.len() / esize {
-                let entry = u64_at(&table, j * esize);
+                let entry = u64_at(table, j * esize);
                 let ty = cluster_type(entry, ext, data_file);
                 if ty != ClusterType::Normal && ty != ClusterType::ZeroAlloc {
                     continue;
@@ -568,13 +578,13 @@ impl Qcow2 {
                         } else {
                             entry & !COPIED
                         };
-                        put_u64(&mut table, j * esize, new);
+                        put_u64(table, j * esize, new);
                         dirty += 1;
                     }
                 }
             }
             if dirty > 0 {
-                if let Err(e) = io.write_at(&table, l2_offset) {
+                if let Err(e) = io.write_at(table, l2_offset) {
                     res.msg(format!(
                         "ERROR: Could not write L2 table: {}",
                         crate::error::strerror(&e)

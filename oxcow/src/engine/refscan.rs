@@ -115,6 +115,20 @@ impl Imrt {
     }
 }
 
+/// How many L2 tables from L1 index `i` on lie one after the other in the file (at
+/// most 8 MiB of them): they are read with one `pread`.
+pub(crate) fn l2_run(l1: &[u64], i: usize, cs: u64) -> usize {
+    let l2 = l1[i] & OFFSET_MASK;
+    let mut n = 1;
+    while i + n < l1.len()
+        && (n as u64 + 1) * cs <= L2_BATCH_BYTES
+        && l1[i + n] & OFFSET_MASK == l2 + n as u64 * cs
+    {
+        n += 1;
+    }
+    n
+}
+
 /// Reads `buf.len()` bytes at `offset`; bytes past the end of the file read as zeros.
 pub(crate) fn read_padded(io: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
     io.read_at(buf, offset)?;
@@ -266,14 +280,7 @@ impl<'a> Scan<'a> {
                 i += 1;
                 continue;
             }
-            // The run of tables at consecutive offsets that starts here.
-            let mut n = 1;
-            while i + n < l1.len()
-                && (n as u64 + 1) * cs <= L2_BATCH_BYTES
-                && l1[i + n] & OFFSET_MASK == l2 + n as u64 * cs
-            {
-                n += 1;
-            }
+            let n = l2_run(l1, i, cs);
             buf.resize(n * cs as usize, 0);
             let read_ok = read_padded(self.io(), &mut buf, l2).is_ok();
             for k in 0..n {
