@@ -90,3 +90,21 @@ pub fn io_reason(e: &std::io::Error) -> String {
         None => s,
     }
 }
+
+/// The message qemu-img prints for an encrypted qcow2 image opened without its key
+/// (oxcow takes no `--object`), when `filename` is one; `None` otherwise.
+pub fn encrypted_without_key(filename: &str, format: Option<&str>) -> Option<String> {
+    if format.is_some_and(|f| f != "qcow2") {
+        return None;
+    }
+    let storage = oxcow::storage::FileStorage::open(std::path::Path::new(filename), false).ok()?;
+    if oxcow::image::probe(&storage).ok()? != Format::Qcow2 {
+        return None;
+    }
+    let meta = oxcow::engine::meta::ImageMeta::load(&storage).ok()?;
+    (meta.header.crypt_method != oxcow::format::header::CryptMethod::None).then(|| {
+        format!(
+            "Could not open '{filename}': Parameter 'encrypt.key-secret' is required for cipher"
+        )
+    })
+}

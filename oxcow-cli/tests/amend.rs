@@ -236,7 +236,9 @@ fn build(d: &Dir) {
          qemu-io -c 'write -P 1 0 1M' -c 'write -z 2M 1M' rc8.qcow2 >/dev/null
          qemu-img create -q -f qcow2 -o data_file=df.raw df.qcow2 10M
          qemu-io -c 'write -P 1 0 64k' df.qcow2 >/dev/null
-         qemu-img create -q -f raw r.raw 1M"
+         qemu-img create -q -f raw r.raw 1M
+         qemu-img create -q -f qcow2 --object secret,id=s0,data=abc \
+             -o encrypt.format=luks,encrypt.key-secret=s0 enc.qcow2 1M"
     ));
 }
 
@@ -433,6 +435,7 @@ fn refusals_and_help() {
         &["amend", "-o", "compat=1.1", "missing.qcow2"],
         &["amend", "-t", "nosuch", "-o", "compat=1.1", "z.qcow2"],
         &["amend", "-f", "nosuch", "-o", "compat=1.1", "z.qcow2"],
+        &["amend", "-o", "compat=1.1", "enc.qcow2"],
     ] {
         let q = d.qemu(args);
         let o = d.run(&d.ox, args);
@@ -445,6 +448,11 @@ fn refusals_and_help() {
         "cluster_size=64k",
         "encryption=on",
         "encrypt.format=luks",
+        "encrypt.new-secret=x",
+        "encrypt.state=active",
+        "encrypt.keyslot=1",
+        "encrypt.iter-time=10",
+        "encrypt.old-secret=y",
         "preallocation=full",
         "compression_type=zstd",
         "extended_l2=on",

@@ -133,7 +133,11 @@ fn option_errors() {
         return;
     }
     let d = Dir::new();
-    d.sh("qemu-img create -q -f qcow2 q.qcow2 1M; head -c 1000 /dev/zero > r.raw");
+    d.sh(
+        "qemu-img create -q -f qcow2 q.qcow2 1M; head -c 1000 /dev/zero > r.raw
+         qemu-img create -q -f qcow2 --object secret,id=s0,data=abc \
+             -o encrypt.format=luks,encrypt.key-secret=s0 enc.qcow2 1M",
+    );
     for args in [
         &["measure"][..],
         &["measure", "--size", "1G", "q.qcow2"],
@@ -147,6 +151,7 @@ fn option_errors() {
         &["measure", "-s", "1M"],
         &["measure", "-x"],
         &["measure", "missing.img"],
+        &["measure", "-O", "qcow2", "enc.qcow2"],
         &["measure", "-f", "qcow2", "r.raw"],
         &["measure", "-f", "nosuchfmt", "r.raw"],
         &["measure", "-l", "snap", "r.raw"],

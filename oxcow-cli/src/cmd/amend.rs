@@ -191,6 +191,10 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
     }
     // Opened read-only to check it and for qemu-img's messages; the library opens it
     // for writing itself.
+    if let Some(msg) = common::encrypted_without_key(filename, a.fmt.as_deref()) {
+        ctx.error(msg);
+        return 1;
+    }
     let (format, meta) =
         match common::open_image(filename, a.fmt.as_deref(), &OpenOptions::default()) {
             Ok(img) => {
@@ -320,7 +324,8 @@ fn amend_options(opts: &QemuOpts) -> Result<(AmendOptions, Option<u64>), String>
         "encrypt.iter-time",
     ] {
         if opts.get(name).is_some() {
-            return Err("Amending encryption is not supported by oxcow".into());
+            // oxcow opens no encrypted image, so every image it gets here has none.
+            return Err("Can't amend encryption options - encryption not present".into());
         }
     }
     o.backing_file = opts.get("backing_file").map(str::to_string);

@@ -203,6 +203,9 @@ fn measure(a: &Args) -> Result<Measurement, Vec<String>> {
     let one = |m: String| vec![m];
     let input = match &a.filename {
         Some(name) => {
+            if let Some(msg) = crate::common::encrypted_without_key(name, a.fmt.as_deref()) {
+                return Err(one(msg));
+            }
             let src = Source::open(name, a.fmt.as_deref()).map_err(one)?;
             match &a.snapshot {
                 Some(sn) => Some(open_snapshot(name, src.img.format(), sn).map_err(one)?),
