@@ -343,6 +343,14 @@ const DAMAGES: &[(&str, bool, Damage)] = &[
         patch_be64(p, at, (e & 0x00ff_ffff_ffff_fe00) | 0x200 | 1 | COPIED);
         true
     }),
+    (
+        "refcount block at an offset beyond any file",
+        true,
+        |p, l| {
+            patch_be64(p, l.reftable_offset, 0xffff_ffff_fff0_0000 & !(l.cs() - 1));
+            true
+        },
+    ),
     ("extended L2 bitmap with both bits", false, |p, l| {
         if !l.extended {
             return false;

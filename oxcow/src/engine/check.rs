@@ -91,7 +91,9 @@ pub(crate) struct DiskRefcounts {
     /// Per refcount table index: the block's offset when it is unaligned (the block
     /// cannot be read), else 0.
     bad: Vec<u64>,
-    /// The first unreadable block was reported.
+    /// Per refcount table index: reading the block failed.
+    unreadable: Vec<bool>,
+    /// The first unaligned block was reported.
     reported: bool,
     block_bits: u32,
 }
@@ -110,6 +112,7 @@ impl DiskRefcounts {
         let nblocks = clusters.div_ceil(epb);
         let mut values = vec![0u64; clusters as usize];
         let mut bad = vec![0u64; nblocks as usize];
+        let mut unreadable = vec![false; nblocks as usize];
         let mut buf = vec![0u8; cs as usize];
         for t in 0..nblocks {
             let Some(&e) = table.get(t as usize) else {
@@ -123,7 +126,10 @@ impl DiskRefcounts {
                 bad[t as usize] = off;
                 continue;
             }
-            read_padded(io, &mut buf, off)?;
+            if read_padded(io, &mut buf, off).is_err() {
+                unreadable[t as usize] = true;
+                continue;
+            }
             let first = t * epb;
             let n = epb.min(clusters - first);
             for (j, v) in values[first as usize..(first + n) as usize]
@@ -136,6 +142,7 @@ impl DiskRefcounts {
         Ok(DiskRefcounts {
             values,
             bad,
+            unreadable,
             reported: false,
             block_bits,
         })
@@ -143,7 +150,8 @@ impl DiskRefcounts {
 
     /// The refcount of `cluster`; `None` when its block cannot be read.
     pub fn get(&self, cluster: u64) -> Option<u64> {
-        if self.bad_block(cluster).is_some() {
+        let t = (cluster >> self.block_bits) as usize;
+        if self.bad_block(cluster).is_some() || self.unreadable.get(t).copied().unwrap_or(false) {
             return None;
         }
         Some(self.values.get(cluster as usize).copied().unwrap_or(0))

@@ -24,6 +24,8 @@ pub(crate) const REFTABLE_RESERVED: u64 = 0x1ff;
 /// Reserved bits of a bitmap table entry, and its "all ones" flag.
 const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 const BITMAP_ENTRY_ALL_ONES: u64 = 1;
+/// The most clusters a repair extends the file by (for a refcount block past its end).
+const MAX_GROWTH: u64 = 1 << 26;
 /// The most L2 table bytes read at once.
 const L2_BATCH_BYTES: u64 = 8 << 20;
 
@@ -464,7 +466,13 @@ impl<'a> Scan<'a> {
                 res.corruptions += 1;
                 return Ok(());
             }
-            let mut raw = vec![0u8; b.table_size as usize * 8];
+            // A table past the end of the file is not read (nor allocated for).
+            let bytes = b.table_size as u64 * 8;
+            if b.table_offset.saturating_add(bytes) > self.imrt.file_len.saturating_add(cs) {
+                res.corruptions += 1;
+                return Ok(());
+            }
+            let mut raw = vec![0u8; bytes as usize];
             if read_padded(self.io(), &mut raw, b.table_offset).is_err() {
                 res.corruptions += 1;
                 return Ok(());
@@ -521,8 +529,20 @@ impl<'a> Scan<'a> {
                     continue;
                 }
                 // Make the file long enough to hold the block; the block then reads as
-                // zeros, which the comparison finds and a rebuild repairs.
-                match self.io().set_len(offset + cs) {
+                // zeros, which the comparison finds and a rebuild repairs. (Not by
+                // more than MAX_GROWTH clusters: the counts grow with the file.)
+                let new_len = offset
+                    .checked_add(cs)
+                    .filter(|l| l >> bits <= self.imrt.len() + MAX_GROWTH);
+                let grown = if offset > i64::MAX as u64 - cs {
+                    Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+                } else {
+                    match new_len {
+                        Some(l) => self.io().set_len(l),
+                        None => Err(std::io::Error::from_raw_os_error(libc::EFBIG)),
+                    }
+                };
+                match grown {
                     Ok(()) => {
                         self.imrt.file_len = offset + cs;
                         self.q.note_file_len(offset + cs);
