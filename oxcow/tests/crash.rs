@@ -594,7 +594,9 @@ fn failing_writes_and_flushes_are_reported_and_leave_the_image_consistent() {
             let img = open(f.clone(), true, Some(4096), None).unwrap();
             let mut rng = Rng(fail_at as u64 + 1);
             let mut failed = false;
-            for _ in 0..80 {
+            // (Enough operations that most injected failures hit one: a request
+            // allocating several clusters writes them in one piece.)
+            for _ in 0..160 {
                 let off = rng.below(1024) * 4096 + rng.below(8) * 512;
                 let len = (1 + rng.below(16)) * 512;
                 let len = len.min((4 << 20) - off);

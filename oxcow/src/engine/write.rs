@@ -94,6 +94,28 @@ impl Qcow2 {
         w.done.notify_all();
     }
 
+    /// Allocates up to `n` contiguous host clusters at `next` when some are free
+    /// there (as many as are, in a row), else `n` from the lowest free cluster, as
+    /// QEMU's handle_alloc does; returns (offset, count).
+    pub(super) fn alloc_continuing(
+        &self,
+        st: &mut WriteState,
+        next: Option<u64>,
+        n: u64,
+    ) -> Result<(u64, u64)> {
+        if let Some(at) = next {
+            self.before_refcount_change(st)?;
+            let cs = self.cluster_size();
+            let k = st.refcounts.alloc_at(self.storage.as_ref(), at, n)?;
+            if k > 0 {
+                self.check_overlap(st, at, k * cs)?;
+                self.file_len.fetch_max(at + k * cs, Ordering::AcqRel);
+                return Ok((at, k));
+            }
+        }
+        Ok((self.alloc_clusters(st, n)?, n))
+    }
+
     /// Allocates `n` contiguous host clusters and checks they overlap no metadata.
     pub(super) fn alloc_clusters(&self, st: &mut WriteState, n: u64) -> Result<u64> {
         self.before_refcount_change(st)?;
@@ -248,44 +270,58 @@ impl Qcow2 {
         self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
         let mut done = 0usize;
+        // Where the host cluster after the last one this request touched lies: QEMU
+        // (qcow2_alloc_host_offset) allocates there first, so that a request stays
+        // contiguous in the file, and only then searches from the lowest free one.
+        let mut next = None;
         while done < buf.len() {
             let pos = offset + done as u64;
             let cluster = pos - pos % cs;
             let n = ((cluster + cs - pos) as usize).min(buf.len() - done);
-            if pos == cluster && n as u64 == cs {
-                let k = self.write_new_clusters(w, pos, &buf[done..])?;
-                if k > 0 {
-                    done += k;
-                    continue;
-                }
+            let k = self.write_new_clusters(w, pos, &buf[done..], &mut next)?;
+            if k > 0 {
+                done += k;
+                continue;
             }
             let piece = Piece {
                 cluster,
                 start: pos - cluster,
                 end: pos - cluster + n as u64,
             };
-            self.write_piece(w, piece, &buf[done..done + n])?;
+            self.write_piece(w, piece, &buf[done..done + n], &mut next)?;
             done += n;
         }
         self.writeback_if_needed(w)
     }
 
-    /// Writes whole clusters from guest `start` (a cluster boundary) that hold no
-    /// data yet, as QEMU's handle_alloc does: as many in a row as need a new cluster
-    /// and lie in one L2 table get contiguous host clusters in one allocation and one
-    /// write. Returns the bytes written: 0 when the first cluster is not such a
-    /// cluster (it then takes the general path).
-    fn write_new_clusters(&self, w: &Writer, start: u64, data: &[u8]) -> Result<usize> {
+    /// Writes the clusters from guest `pos` on that hold no data yet, as QEMU's
+    /// handle_alloc does: as many in a row as need a new cluster and lie in one L2
+    /// table get contiguous host clusters in one allocation and one write, partial
+    /// clusters at either end included (their other bytes copied from what they read
+    /// as now; not with subclusters). Returns the bytes of `data` written: 0 when the
+    /// run is not worth it (a single partial cluster, or the first cluster holds
+    /// data), which then takes the general path.
+    fn write_new_clusters(
+        &self,
+        w: &Writer,
+        pos: u64,
+        data: &[u8],
+        next: &mut Option<u64>,
+    ) -> Result<usize> {
         let cs = self.cluster_size();
         let h = &self.meta.header;
-        if self.data_file.is_some() {
+        let ext = h.has_extended_l2();
+        if self.data_file.is_some() || (ext && !pos.is_multiple_of(cs)) {
             return Ok(0);
         }
-        let in_table = (h.l2_coverage() - start % h.l2_coverage()) / cs;
-        let max = (data.len() as u64 / cs).min(in_table);
+        let start = pos - pos % cs;
+        let req_end = pos + data.len() as u64;
+        let table_end = (start / h.l2_coverage() + 1) * h.l2_coverage();
+        let span = req_end.min(table_end) - start;
+        let max = if ext { span / cs } else { span.div_ceil(cs) };
         let first = start / cs;
         let mut st = w.state.lock();
-        if st.corrupt || st.inflight.contains(&first) {
+        if max == 0 || st.corrupt || st.inflight.contains(&first) {
             return Ok(0);
         }
         let l2 = self.l2_for_write(&mut st, start)?;
@@ -299,25 +335,40 @@ impl Qcow2 {
             }
             count += 1;
         }
-        if count == 0 {
+        let single_partial = count == 1 && (pos != start || req_end < start + cs);
+        if count == 0 || single_partial {
             return Ok(0);
         }
-        let host = self.alloc_clusters(&mut st, count)?;
+        let (host, count) = self.alloc_continuing(&mut st, *next, count)?;
+        *next = Some(host + count * cs);
         for i in 0..count {
             st.inflight.insert(first + i);
         }
         drop(st);
-        let len = (count * cs) as usize;
-        let written = self.storage.write_at(&data[..len], host);
+        let run_end = start + count * cs;
+        let data_end = req_end.min(run_end);
+        let used = (data_end - pos) as usize;
+        let written = if pos == start && data_end == run_end {
+            self.storage
+                .write_at(&data[..used], host)
+                .map_err(Error::from)
+        } else {
+            // Copy-on-write of the partial clusters at either end.
+            let mut content = vec![0u8; (count * cs) as usize];
+            let head = (pos - start) as usize;
+            let tail = (data_end - start) as usize;
+            self.read_range(&mut content[..head], start)
+                .and_then(|()| self.read_range(&mut content[tail..], data_end))
+                .and_then(|()| {
+                    content[head..tail].copy_from_slice(&data[..used]);
+                    Ok(self.storage.write_at(&content, host)?)
+                })
+        };
         let mut st = w.state.lock();
-        let res = written.map_err(Error::from).and_then(|()| {
+        let res = written.and_then(|()| {
             let l2 = self.l2_for_write(&mut st, start)?;
             // The whole cluster is data: every subcluster allocated, none zero.
-            let bitmap = if h.has_extended_l2() {
-                u32::MAX as u64
-            } else {
-                0
-            };
+            let bitmap = if ext { u32::MAX as u64 } else { 0 };
             for i in 0..count {
                 self.set_l2_words(l2, start + i * cs, (host + i * cs) | COPIED, bitmap)?;
             }
@@ -330,10 +381,10 @@ impl Qcow2 {
             st.inflight.remove(&(first + i));
         }
         w.done.notify_all();
-        res.map(|()| len)
+        res.map(|()| used)
     }
 
-    fn write_piece(&self, w: &Writer, p: Piece, data: &[u8]) -> Result<()> {
+    fn write_piece(&self, w: &Writer, p: Piece, data: &[u8], next: &mut Option<u64>) -> Result<()> {
         let cs = self.cluster_size();
         let h = &self.meta.header;
         let ext = h.has_extended_l2();
@@ -351,6 +402,7 @@ impl Qcow2 {
         match old {
             L2Entry::Normal { host, copied } if private(copied) => {
                 drop(st);
+                *next = Some(host + cs);
                 return Ok(self.data_storage().write_at(data, host + p.start)?);
             }
             L2Entry::Extended {
@@ -360,6 +412,7 @@ impl Qcow2 {
                 ..
             } if host != 0 && private(copied) && alloc & touched == touched => {
                 drop(st);
+                *next = Some(host + cs);
                 return Ok(self.data_storage().write_at(data, host + p.start)?);
             }
             _ => {}
@@ -374,8 +427,9 @@ impl Qcow2 {
                 (host, false)
             }
             _ if self.data_file.is_some() => (p.cluster, false),
-            _ => (self.alloc_clusters(&mut st, 1)?, true),
+            _ => (self.alloc_continuing(&mut st, *next, 1)?.0, true),
         };
+        *next = Some(host + cs);
         // A new cluster at or past the end of the file already reads as zeros. When
         // the rest of the cluster must read as zeros too (no backing file shows
         // through), only the new bytes are written, after the cluster is reserved
@@ -535,6 +589,7 @@ impl Qcow2 {
                 end: pos - cluster + n,
             },
             &zeros,
+            &mut None,
         )
     }
 
