@@ -75,6 +75,9 @@ pub struct Qcow2 {
     file_len: AtomicU64,
     /// The write side; `None` for read-only images.
     writer: Option<writestate::Writer>,
+    /// Guest writes hold it shared for their whole request; snapshot operations
+    /// hold it exclusively, so that no write is half in a snapshot (QEMU drains).
+    guest_io: RwLock<()>,
     /// Dirty bitmaps (of writable images); taken before the writer's lock.
     bitmaps: Mutex<bitmaps::BitmapSet>,
     /// Some bitmap records writes (lets writes skip the bitmap lock otherwise).
@@ -125,6 +128,7 @@ impl Qcow2 {
             l1: RwLock::new(l1),
             file_may_have_holes,
             writer,
+            guest_io: RwLock::new(()),
             bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
             tracking: AtomicBool::new(false),
         };

@@ -75,6 +75,7 @@ impl Qcow2 {
     /// Creates a snapshot of the active disk named `name`; returns its entry.
     pub fn create_snapshot(&self, name: &str) -> Result<SnapshotEntry> {
         let w = self.writer()?;
+        let _drained = self.guest_io.write();
         let mut st = self.lock_for_snapshots(w)?;
         if st.snapshots.len() >= MAX_SNAPSHOTS as usize {
             return Err(Error::InvalidArgument("File too large".into()));
@@ -133,6 +134,7 @@ impl Qcow2 {
     /// disk size); the snapshot stays.
     pub fn apply_snapshot(&self, id_or_name: &str) -> Result<()> {
         let w = self.writer()?;
+        let _drained = self.guest_io.write();
         // QEMU refuses to revert a disk that persistent bitmaps describe.
         if !self.bitmaps().is_empty() {
             return Err(Error::Unsupported("Device has active dirty bitmaps".into()));
@@ -211,6 +213,7 @@ impl Qcow2 {
     /// Deletes snapshot `id_or_name`, freeing what only it used.
     pub fn delete_snapshot(&self, id_or_name: &str) -> Result<SnapshotEntry> {
         let w = self.writer()?;
+        let _drained = self.guest_io.write();
         let mut st = self.lock_for_snapshots(w)?;
         let idx = find_snapshot(&st.snapshots, id_or_name).ok_or_else(|| not_found(id_or_name))?;
         let sn = st.snapshots[idx].clone();
