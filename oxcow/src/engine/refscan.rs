@@ -396,7 +396,11 @@ impl<'a> Scan<'a> {
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
                             ));
                         } else {
-                            let fix = self.fix.errors();
+                            // Only the active tables are rewritten (QEMU rewrites
+                            // snapshot tables too): a damaged snapshot L1 entry can make
+                            // any cluster, guest data included, look like an L2 table,
+                            // and rewriting it would destroy what it really holds.
+                            let fix = self.fix.errors() && active;
                             res.msg(format!(
                                 "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                                 if fix { "Repairing" } else { "ERROR" }
