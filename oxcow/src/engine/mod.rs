@@ -20,6 +20,7 @@ mod read;
 mod rebuild;
 pub mod refcounts;
 pub mod refscan;
+mod snapcheck;
 pub mod snapshot;
 mod truncate;
 mod write;
@@ -82,6 +83,10 @@ pub struct Qcow2 {
     bitmaps: Mutex<bitmaps::BitmapSet>,
     /// Some bitmap records writes (lets writes skip the bitmap lock otherwise).
     tracking: AtomicBool,
+    /// Opened to be checked: each check reads the snapshot table itself.
+    check_mode: bool,
+    /// The snapshot table as the last check of a read-only image read it.
+    checked_snapshots: Mutex<Option<snapcheck::CheckedTable>>,
 }
 
 impl Qcow2 {
@@ -131,6 +136,8 @@ impl Qcow2 {
             guest_io: RwLock::new(()),
             bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
             tracking: AtomicBool::new(false),
+            check_mode: opts.check,
+            checked_snapshots: Mutex::new(None),
         };
         if q.writer.is_some() && !opts.check {
             if q.meta.header.is_dirty() {

@@ -51,7 +51,13 @@ impl Qcow2 {
         // Every structure lies inside the file (new L2 tables count in `file_len`
         // before they are written): growing the file overlaps nothing, and costs no
         // walk over the tables.
-        if off >= self.file_len() && off >= self.storage.len()? {
+        // (A damaged snapshot table being repaired may run past the end.)
+        let h = &st.header;
+        let snapshots_end = match h.nb_snapshots {
+            0 => 0,
+            _ => h.snapshots_offset.saturating_add(st.snapshots_len),
+        };
+        if off >= self.file_len() && off >= self.storage.len()? && off >= snapshots_end {
             return Ok(());
         }
         let Some(what) = self.overlapping_metadata(st, off, len) else {
