@@ -8,7 +8,7 @@
 
 use super::check::{CheckReport, Fix};
 use crate::error::Result;
-use crate::format::be::{put_u32, u16_at, u32_at, u64_at};
+use crate::format::be::{put_u16, put_u32, u16_at, u32_at, u64_at};
 use crate::format::snapshot::{SnapshotEntry, MAX_EXTRA_DATA};
 use crate::format::{MAX_SNAPSHOTS, MAX_SNAPSHOT_TABLE_BYTES};
 use crate::storage::Storage;
@@ -112,16 +112,22 @@ pub(crate) fn read_for_check(
             kept_extra = MAX_EXTRA_DATA as u64;
         }
         // The entry as it will be kept: its fixed part, the extra data (cut to the
-        // cap), the ID and the name; parsed by the table's own parser.
-        let mut raw = vec![0u8; (ENTRY_HEADER + kept_extra + id_len + name_len) as usize];
-        raw[..ENTRY_HEADER as usize].copy_from_slice(&head);
-        put_u32(&mut raw, 36, kept_extra as u32);
-        let e0 = ENTRY_HEADER as usize;
-        let e1 = e0 + kept_extra as usize;
-        io.read_at(&mut raw[e0..e1], at)?;
+        // cap), the ID and the name (C strings to QEMU: cut at a NUL); parsed by the
+        // table's own parser.
+        let mut raw = head.to_vec();
+        raw.resize((ENTRY_HEADER + kept_extra) as usize, 0);
+        io.read_at(&mut raw[ENTRY_HEADER as usize..], at)?;
         at += extra_len;
-        io.read_at(&mut raw[e1..], at)?;
+        let mut strings = vec![0u8; (id_len + name_len) as usize];
+        io.read_at(&mut strings, at)?;
         at += id_len + name_len;
+        let (id, name) = strings.split_at(id_len as usize);
+        let (id, name) = (c_string(id), c_string(name));
+        put_u32(&mut raw, 36, kept_extra as u32);
+        put_u16(&mut raw, 12, id.len() as u16);
+        put_u16(&mut raw, 14, name.len() as u16);
+        raw.extend_from_slice(id);
+        raw.extend_from_slice(name);
         let (entry, _) = SnapshotEntry::parse(&raw)?;
         table_len += ENTRY_HEADER + kept_extra + id_len + name_len;
         if table_len > MAX_SNAPSHOT_TABLE_BYTES || at - offset > i32::MAX as u64 {
@@ -180,4 +186,12 @@ pub(crate) fn read_for_check(
         entries,
         res,
     }))
+}
+
+/// The bytes of a C string stored in `b`: up to the first NUL.
+fn c_string(b: &[u8]) -> &[u8] {
+    match b.iter().position(|&c| c == 0) {
+        Some(n) => &b[..n],
+        None => b,
+    }
 }
