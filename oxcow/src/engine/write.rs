@@ -794,6 +794,25 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The checks QEMU makes before it changes anything in a resize.
+    pub(super) fn check_resizable(&self, new_size: u64) -> Result<()> {
+        let w = self.writer()?;
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::InvalidArgument(
+                "Image size must be a multiple of 512 bytes".into(),
+            ));
+        }
+        let old_size = self.size.load(Ordering::Acquire);
+        self.check_bitmaps_resizable(new_size)?;
+        let st = w.state.lock();
+        if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
+            return Err(Error::Unsupported(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Changes the virtual size: the L1 table, the header, the data file. Growing
     /// keeps every byte (and, with `zero_old_tail`, zeroes what the last cluster
     /// holds past the old end); shrinking needs `shrink` and drops everything past
@@ -805,21 +824,8 @@ impl Qcow2 {
         zero_old_tail: bool,
     ) -> Result<()> {
         let w = self.writer()?;
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::InvalidArgument(
-                "Image size must be a multiple of 512 bytes".into(),
-            ));
-        }
+        self.check_resizable(new_size)?;
         let old_size = self.size.load(Ordering::Acquire);
-        self.check_bitmaps_resizable(new_size)?;
-        {
-            let st = w.state.lock();
-            if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
-                return Err(Error::Unsupported(
-                    "Can't resize a v2 image which has snapshots".into(),
-                ));
-            }
-        }
         if new_size < old_size {
             if !shrink {
                 return Err(Error::InvalidArgument(
