@@ -338,6 +338,10 @@ fn backing_file_of_the_target() {
     d.convert_both(&["-B", "base.qcow2", "-F", "qcow2"], "top.qcow2", true);
     let map = |img: &str| d.qemu(&["map", "--output=json", img]).stdout;
     assert_eq!(map("x.qcow2"), map("q.qcow2"));
+    // A source without a backing file is copied whole (qemu-img 10 does not compare
+    // it with the new backing file): data, and zero clusters where it reads zeros.
+    d.convert_both(&["-B", "base.qcow2", "-F", "qcow2"], "flat.raw", true);
+    assert_eq!(map("x.qcow2"), map("q.qcow2"));
     // A backing file shorter than the disk: zeros past its end are left alone.
     d.qemu_img(&["create", "-q", "-f", "qcow2", "short.qcow2", "2M"]);
     d.qemu_io("short.qcow2", "qcow2", &["write -P 0x11 0 1M"]);
