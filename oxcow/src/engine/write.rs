@@ -265,7 +265,7 @@ impl Qcow2 {
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
+        let _guest = self.guest_io.read();
         check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
         self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
@@ -513,7 +513,7 @@ impl Qcow2 {
     /// inside the range are freed.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
+        let _guest = self.guest_io.read();
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
         self.record_write(offset, len)?;
         let h = &self.meta.header;
@@ -643,8 +643,13 @@ impl Qcow2 {
     /// alone, as QEMU does): they read as zeros afterwards and their host clusters
     /// are freed. A v2 image over a backing file is left alone, as QEMU leaves it.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _guest = self.guest_io.read();
+        self.discard_clusters(offset, len)
+    }
+
+    /// `discard` inside a guest request that already holds `guest_io`.
+    pub(super) fn discard_clusters(&self, offset: u64, len: u64) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
         let size = self.size.load(Ordering::Acquire);
         check_range(offset, len, size)?;
         self.record_write(offset, len)?;
