@@ -791,6 +791,10 @@ fn write_over_metadata_marks_the_image_corrupt() {
             "write -z 2M 4k",
             "-c",
             "discard 0 64k",
+            "-c",
+            "read -P 1 0 64k",
+            "-c",
+            "write -P 3 3M 4k",
             img,
         ];
         let o = d.same_io(None, &args, None);

@@ -78,6 +78,8 @@ pub struct Qcow2 {
     writer: Option<writestate::Writer>,
     /// Guest writes hold it shared for their whole request; snapshot operations
     /// hold it exclusively, so that no write is half in a snapshot (QEMU drains).
+    /// Fair: a waiting snapshot stops new requests, so it is never starved; a
+    /// request therefore takes it once, at its outermost entry point.
     guest_io: RwLock<()>,
     /// Dirty bitmaps (of writable images); taken before the writer's lock.
     bitmaps: Mutex<bitmaps::BitmapSet>,

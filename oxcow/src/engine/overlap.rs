@@ -45,6 +45,12 @@ impl Metadata {
 pub const OVERLAP_MESSAGE: &str = "Preventing invalid write on metadata";
 
 impl Qcow2 {
+    /// Whether a metadata overlap stopped writes (the image is marked corrupt); QEMU
+    /// then takes the medium away for every request.
+    pub fn writes_stopped(&self) -> bool {
+        self.writer.as_ref().is_some_and(|w| w.state.lock().corrupt)
+    }
+
     /// Refuses (and marks the image corrupt) when `off..off+len`, just allocated,
     /// covers metadata: the refcounts said metadata was free.
     pub(super) fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
