@@ -8,33 +8,12 @@
 //! format-specific data). Every test is skipped (with a note) when qemu-img is not
 //! installed.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
-
-fn run(prog: &Path, dir: &Path, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use support::{have_qemu, oxcow_link, run, text};
 
 /// How the images written by a command are compared.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -55,10 +34,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
+        let ox = oxcow_link(tmp.path(), "qemu-img");
         std::fs::create_dir(tmp.path().join("tpl")).unwrap();
         Fixture {
             tmp,
