@@ -7,22 +7,11 @@
 
 mod common;
 
+use common::have_qemu;
 use common::*;
 use oxcow::engine::check::Fix;
 use oxcow::{Image, OpenOptions};
 use std::path::Path;
-
-fn have_qemu() -> bool {
-    let ok = std::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
 
 fn check_open(path: &Path, writable: bool) -> Image {
     Image::open(
