@@ -20,63 +20,19 @@
 //! snapshots sets COPIED on shared clusters; a downgrade drops bitmaps but leaks their
 //! clusters), only oxcow's result is required to check clean.
 
+mod support;
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        eprintln!("qemu-img or qemu-io not found: skipping");
-    }
-    ok
-}
-
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use std::path::Path;
+use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup, C_LOCALE};
 
 impl Dir {
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        Command::new(prog)
-            .current_dir(self.tmp.path())
-            .env("LC_ALL", "C")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn qemu(&self, args: &[&str]) -> Output {
-        self.run(Path::new("qemu-img"), args)
-    }
-
-    fn sh(&self, script: &str) {
-        let o = self.run(Path::new("sh"), &["-ec", script]);
-        assert!(
-            o.status.success(),
-            "script failed:\n{script}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        Dir::with(Setup {
+            run_env: C_LOCALE,
+            sh_env: C_LOCALE,
+            ..Setup::default()
+        })
     }
 
     fn copy(&self, from: &str, to: &str) {

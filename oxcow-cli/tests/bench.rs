@@ -4,63 +4,22 @@
 //! went. oxcow runs through a symlink named `qemu-img`, so its messages carry the same
 //! program name. Every test is skipped (with a note) when qemu-img is not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
-
-/// A scratch directory holding the images and a `qemu-img` symlink to oxcow.
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+use std::path::Path;
+use std::process::Command;
+use support::{have_qemu, Scratch as Dir, Setup};
 
 impl Dir {
     fn new() -> Dir {
-        // Under target/ rather than /tmp, which may be a tmpfs without O_DIRECT.
-        let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let tmp = tempfile::tempdir_in(base).unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        Command::new(prog)
-            .args(args)
-            .current_dir(self.tmp.path())
-            .output()
-            .unwrap()
-    }
-
-    fn qemu_img(&self, args: &[&str]) -> Output {
-        let o = self.run(Path::new("qemu-img"), args);
-        assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
-        o
+        Dir::with(Setup {
+            under: Some(env!("CARGO_TARGET_TMPDIR")),
+            ..Setup::default()
+        })
     }
 
     fn create(&self, name: &str, opts: &str, size: &str) {
         self.qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, name, size]);
-    }
-
-    fn oxcow(&self, args: &[&str]) -> Output {
-        self.run(&self.ox, args)
     }
 
     /// Runs `bench ARGS` through qemu-img, then oxcow: same exit code, stderr and

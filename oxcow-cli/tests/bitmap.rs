@@ -5,27 +5,11 @@
 //! images must list the same bitmaps (`qemu-img info`), hold the same dirty ranges
 //! and pass `qemu-img check` cleanly.
 
+mod support;
+
 use oxcow::{Image, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn run(prog: &Path, dir: &Path, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let o = run(Path::new(prog), dir, args);
-    assert!(o.status.success(), "{prog} {args:?}: {o:?}");
-    text(&o.stdout)
-}
+use support::{ok, oxcow_link, run, text};
 
 struct Fixture {
     tmp: tempfile::TempDir,
@@ -62,10 +46,7 @@ impl Fixture {
     /// use by a crash, `ok` fine), `v2.qcow2` (compat 0.10), `r.raw`.
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
+        let ox = oxcow_link(tmp.path(), "qemu-img");
         let tpl = tmp.path().join("tpl");
         std::fs::create_dir(&tpl).unwrap();
         let q = |args: &[&str]| ok(&tpl, "qemu-img", args);

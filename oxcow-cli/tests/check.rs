@@ -5,61 +5,18 @@
 //! raw images (63), missing files and bad options. oxcow runs through a symlink named
 //! `qemu-img`, so its messages carry the same program name.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
-
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+use std::path::Path;
+use support::{have_qemu, Scratch as Dir, Setup, C_LOCALE};
 
 impl Dir {
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn sh(&self, script: &str) {
-        let o = Command::new("sh")
-            .current_dir(self.tmp.path())
-            .arg("-ec")
-            .arg(format!("ulimit -c 0\n{script}"))
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "script failed:\n{script}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        Command::new(prog)
-            .current_dir(self.tmp.path())
-            .env("LC_ALL", "C")
-            .args(args)
-            .output()
-            .unwrap()
+        Dir::with(Setup {
+            run_env: C_LOCALE,
+            sh_prelude: "ulimit -c 0\n",
+            ..Setup::default()
+        })
     }
 
     /// `check ARGS IMAGE` by both tools, each on its own copy of `image` (named the

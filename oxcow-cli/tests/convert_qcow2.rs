@@ -12,73 +12,14 @@
 //! carry the same program name. Every test is skipped (with a note) when qemu-img is
 //! not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
-
-/// A scratch directory holding the images and a `qemu-img` symlink to oxcow.
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+use std::process::Output;
+use support::{have_qemu, Scratch as Dir, Setup};
 
 impl Dir {
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        Command::new(prog)
-            .args(args)
-            .current_dir(self.tmp.path())
-            .output()
-            .unwrap()
-    }
-
-    fn qemu(&self, args: &[&str]) -> Output {
-        self.run(Path::new("qemu-img"), args)
-    }
-
-    /// Runs qemu-img (must succeed).
-    fn qemu_img(&self, args: &[&str]) {
-        let o = self.qemu(args);
-        assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
-    }
-
-    /// Runs qemu-io on an image (must succeed).
-    fn qemu_io(&self, img: &str, fmt: &str, cmds: &[&str]) {
-        let mut args = vec!["-f", fmt];
-        for c in cmds {
-            args.push("-c");
-            args.push(c);
-        }
-        args.push(img);
-        let o = self.run(Path::new("qemu-io"), &args);
-        assert!(o.status.success(), "qemu-io {args:?}: {o:?}");
-    }
-
-    fn oxcow(&self, args: &[&str]) -> Output {
-        self.run(&self.ox, args)
+        Dir::with(Setup::default())
     }
 
     /// Runs the same command line through qemu-img and oxcow: same exit code, stdout

@@ -12,77 +12,29 @@
 //! `actual-size`) and snapshot dates are read by both tools from the same files in the
 //! same environment (TZ=UTC), one right after the other.
 
+mod support;
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
+use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup};
 
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-        && Command::new("qemu-io")
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img or qemu-io not found: skipping");
-    }
-    ok
-}
-
-/// A scratch directory holding the images and a `qemu-img` symlink to oxcow.
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+/// The tools run with UTC dates and the C locale.
+const TOOL_ENV: &[(&str, &str)] = &[("TZ", "UTC"), ("LC_ALL", "C")];
 
 impl Dir {
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn command(&self, prog: &Path) -> Command {
-        let mut c = Command::new(prog);
-        c.current_dir(self.tmp.path())
-            .env("TZ", "UTC")
-            .env("LC_ALL", "C");
-        c
-    }
-
-    /// Runs a shell script in the directory (image building); it must succeed.
-    fn sh(&self, script: &str) {
-        let o = self
-            .command(Path::new("sh"))
-            .arg("-ec")
-            .arg(format!("ulimit -c 0\n{script}"))
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "script failed:\n{script}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        Dir::with(Setup {
+            run_env: TOOL_ENV,
+            sh_env: TOOL_ENV,
+            sh_prelude: "ulimit -c 0\n",
+            ..Setup::default()
+        })
     }
 
     /// Flushes the page cache so that both tools see the same file extents.
     fn sync(&self) {
         let _ = Command::new("sync").status();
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        self.command(prog).args(args).output().unwrap()
     }
 
     /// Runs `qemu-img ARGS` and `oxcow ARGS` and requires the same stdout, stderr and
@@ -112,10 +64,6 @@ impl Dir {
         self.same(&["map", "--output=json", name]);
         self.same(&["map", name]);
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// Compares parsed JSON, naming the path of the first difference.

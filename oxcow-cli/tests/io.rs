@@ -7,59 +7,23 @@
 //! wrote must pass `qemu-img check`. Every test is skipped (with a note) when qemu-io
 //! is not installed.
 
+mod support;
+
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        eprintln!("qemu-img or qemu-io not found: skipping");
-    }
-    ok
-}
-
-/// A scratch directory: the original images in `img/`, the copies each tool works
-/// on in `qa/` (qemu-io) and `ox/` (oxcow), and a `qemu-io` symlink to oxcow.
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+use std::path::Path;
+use std::process::{Command, Output};
+use support::{have_qemu_and_io as have_qemu, Scratch as Dir, Setup, C_LOCALE};
 
 impl Dir {
+    /// A scratch directory: the original images in `img/`, the copies each tool works
+    /// on in `qa/` (qemu-io) and `ox/` (oxcow), and a `qemu-io` symlink to oxcow.
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-io");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        std::fs::create_dir(tmp.path().join("img")).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    /// Runs a shell script in `img/` (image building); it must succeed.
-    fn sh(&self, script: &str) {
-        let o = Command::new("sh")
-            .current_dir(self.path("img"))
-            .arg("-ec")
-            .arg(script)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "script failed:\n{script}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        Dir::with(Setup {
+            link: "qemu-io",
+            run_env: C_LOCALE,
+            sh_dir: "img",
+            ..Setup::default()
+        })
     }
 
     /// Fresh copies of every original image in `qa/` and `ox/`.
@@ -73,24 +37,6 @@ impl Dir {
                 std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
             }
         }
-    }
-
-    fn run(&self, prog: &Path, cwd: &str, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut c = Command::new(prog);
-        c.current_dir(self.path(cwd))
-            .env("LC_ALL", "C")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().unwrap();
-        {
-            use std::io::Write;
-            let mut input = child.stdin.take().unwrap();
-            // A process that stops reading (or dies) closes the pipe: not an error.
-            let _ = input.write_all(stdin.unwrap_or("").as_bytes());
-        }
-        child.wait_with_output().unwrap()
     }
 
     /// Compares two copies of an image: `qemu-img compare` for qcow2, bytes for raw.
@@ -181,8 +127,8 @@ impl Dir {
         stdin: Option<&str>,
         with_stderr: bool,
     ) -> Output {
-        let q = self.run(Path::new("qemu-io"), "qa", args, stdin);
-        let o = self.run(&self.ox, "ox", args, stdin);
+        let q = self.run_at(Path::new("qemu-io"), "qa", args, stdin);
+        let o = self.run_at(&self.ox, "ox", args, stdin);
         let what = format!("qemu-io {args:?} (stdin {stdin:?})");
         assert_eq!(
             filter(&o.stdout),
@@ -791,6 +737,10 @@ fn write_over_metadata_marks_the_image_corrupt() {
             "write -z 2M 4k",
             "-c",
             "discard 0 64k",
+            "-c",
+            "read -P 1 0 64k",
+            "-c",
+            "write -P 3 3M 4k",
             img,
         ];
         let o = d.same_io(None, &args, None);
@@ -1127,8 +1077,8 @@ fn usage_and_version() {
     // The usage text is qemu-io's but for its last lines (QEMU's bug report address).
     for args in [&["-h"][..], &["-x"], &["a", "b"], &["--bogus"]] {
         d.copies();
-        let q = d.run(Path::new("qemu-io"), "qa", args, None);
-        let o = d.run(&d.ox, "ox", args, None);
+        let q = d.run_at(Path::new("qemu-io"), "qa", args, None);
+        let o = d.run_at(&d.ox, "ox", args, None);
         assert_eq!(o.status.code(), q.status.code(), "{args:?}");
         assert_eq!(o.stderr, q.stderr, "{args:?}");
         let (qs, os) = (
@@ -1138,7 +1088,7 @@ fn usage_and_version() {
         let cut = |s: &str| s.lines().take(27).collect::<Vec<_>>().join("\n");
         assert_eq!(cut(&os), cut(&qs), "{args:?}");
     }
-    let o = d.run(&d.ox, "ox", &["-V"], None);
+    let o = d.run_at(&d.ox, "ox", &["-V"], None);
     assert!(o.status.success());
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("qemu-io version "));
 }
@@ -1231,7 +1181,7 @@ fn crash_by_abort_leaves_a_consistent_image() {
             args.push(c);
         }
         args.push(img);
-        let o = d.run(&d.ox, "ox", &args, None);
+        let o = d.run_at(&d.ox, "ox", &args, None);
         assert_eq!(o.status.signal(), Some(libc_sigabrt()));
         let check = Command::new("qemu-img")
             .args(["check", "-U"])
@@ -1243,7 +1193,7 @@ fn crash_by_abort_leaves_a_consistent_image() {
             "qemu-img check after abort: {}",
             String::from_utf8_lossy(&check.stdout)
         );
-        let o = d.run(
+        let o = d.run_at(
             &d.ox,
             "ox",
             &[
@@ -1288,17 +1238,17 @@ fn oxcow_io_under_its_own_name() {
         "bogus",
         "plain.qcow2",
     ];
-    let o = d.run(ox, "ox", &args, None);
-    let q = d.run(Path::new("qemu-io"), "qa", &args[1..], None);
+    let o = d.run_at(ox, "ox", &args, None);
+    let q = d.run_at(Path::new("qemu-io"), "qa", &args[1..], None);
     assert_eq!(filter(&o.stdout), filter(&q.stdout));
     let oe = String::from_utf8_lossy(&o.stderr).replace("oxcow io:", "qemu-io:");
     assert_eq!(oe, String::from_utf8_lossy(&q.stderr));
     assert_eq!(o.status.code(), q.status.code());
     d.images_equal("plain.qcow2").unwrap();
     // Its prompt and messages name it.
-    let o = d.run(ox, "ox", &["io", "plain.qcow2"], Some("read 0 1\n"));
+    let o = d.run_at(ox, "ox", &["io", "plain.qcow2"], Some("read 0 1\n"));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("oxcow io> read 1/1"));
-    let o = d.run(ox, "ox", &["io", "nonexistent"], None);
+    let o = d.run_at(ox, "ox", &["io", "nonexistent"], None);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         String::from_utf8_lossy(&o.stderr),

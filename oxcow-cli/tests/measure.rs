@@ -6,58 +6,20 @@
 //! and JSON), stderr and exit code from both tools. oxcow runs through a symlink named
 //! `qemu-img`. Skipped (with a note) when qemu-img is not installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod support;
 
-fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io"].iter().all(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    });
-    if !ok {
-        eprintln!("qemu-img or qemu-io not found: skipping");
-    }
-    ok
-}
-
-/// A scratch directory holding the images and a `qemu-img` symlink to oxcow.
-struct Dir {
-    tmp: tempfile::TempDir,
-    ox: PathBuf,
-}
+use std::path::Path;
+use std::process::Output;
+use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup, C_LOCALE};
 
 impl Dir {
     fn new() -> Dir {
-        let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
-        Dir { tmp, ox }
-    }
-
-    fn run(&self, prog: &Path, args: &[&str]) -> Output {
-        Command::new(prog)
-            .current_dir(self.tmp.path())
-            .env("LC_ALL", "C")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Runs a shell script in the directory (image building); it must succeed.
-    fn sh(&self, script: &str) {
-        let o = self.run(Path::new("sh"), &["-ec", script]);
-        assert!(
-            o.status.success(),
-            "script failed:\n{script}\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        // Both tools must see the same file extents.
-        let _ = Command::new("sync").status();
+        Dir::with(Setup {
+            run_env: C_LOCALE,
+            sh_env: C_LOCALE,
+            sh_sync: true,
+            ..Setup::default()
+        })
     }
 
     /// Runs `qemu-img ARGS` and `oxcow ARGS`; same stdout, stderr and exit code.
@@ -88,10 +50,6 @@ impl Dir {
             }
         }
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

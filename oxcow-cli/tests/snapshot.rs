@@ -5,26 +5,10 @@
 //! snapshots (`snapshot -l`, dates aside when the command created one), the same
 //! active disk (`qemu-img compare`) and pass `qemu-img check` cleanly.
 
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn run(prog: &Path, dir: &Path, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap()
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(dir: &Path, prog: &str, args: &[&str]) -> String {
-    let o = run(Path::new(prog), dir, args);
-    assert!(o.status.success(), "{prog} {args:?}: {o:?}");
-    text(&o.stdout)
-}
+use support::{ok, oxcow_link, run, text};
 
 struct Fixture {
     tmp: tempfile::TempDir,
@@ -37,10 +21,7 @@ impl Fixture {
     /// data file), `rb1.qcow2` (1-bit refcounts, with data), `v2.qcow2` (a snapshot).
     fn new() -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
-        let bin = tmp.path().join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        let ox = bin.join("qemu-img");
-        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_oxcow"), &ox).unwrap();
+        let ox = oxcow_link(tmp.path(), "qemu-img");
         let tpl = tmp.path().join("tpl");
         std::fs::create_dir(&tpl).unwrap();
         let q = |args: &[&str]| ok(&tpl, "qemu-img", args);

@@ -184,7 +184,7 @@ impl Image {
                 })
             }
             Format::Qcow2 => {
-                let mut meta = ImageMeta::load(storage.as_ref())?;
+                let mut meta = ImageMeta::load_with(storage.as_ref(), check)?;
                 meta.check_readable()?;
                 if let Some((id, name)) = snapshot {
                     let sn = meta

@@ -10,9 +10,10 @@
 mod common;
 
 use common::bitmaps::qemu_bitmap_list;
+use common::crash::open_engine;
+use common::XorShift as Rng;
 use common::{create_qcow2, qemu_img, qemu_io, tempdir};
-use oxcow::engine::meta::ImageMeta;
-use oxcow::engine::{EngineOptions, Qcow2};
+use oxcow::engine::Qcow2;
 use oxcow::storage::{Op, RecordingStorage, Storage};
 use oxcow::{BitmapOptions, BlockDevice, Image, OpenOptions};
 use std::collections::BTreeMap;
@@ -25,18 +26,7 @@ type Ranges = Vec<(u64, u64)>;
 type State = BTreeMap<String, Ranges>;
 
 fn open(storage: Arc<dyn Storage>) -> Qcow2 {
-    let meta = ImageMeta::load(storage.as_ref()).unwrap();
-    Qcow2::open(
-        meta,
-        storage,
-        None,
-        None,
-        &EngineOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    open_engine(storage, true, None, None).unwrap()
 }
 
 fn state_of(path: &Path) -> State {
@@ -112,16 +102,6 @@ fn check_state(path: &Path, old: &State, new: &State, what: &str) {
         "{what}: after oxcow: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 /// Records `session` on a copy of `base` (an image file), then checks every crash

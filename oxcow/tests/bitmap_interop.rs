@@ -6,20 +6,10 @@
 mod common;
 
 use common::bitmaps::*;
+use common::open_writable as open_rw;
 use common::*;
 use oxcow::{BitmapOptions, BlockDevice, Image, OpenOptions};
 use std::path::Path;
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
 
 fn ro_ranges(path: &Path, name: &str) -> Vec<(u64, u64)> {
     open(path).bitmap_dirty_ranges(name).unwrap()

@@ -7,10 +7,10 @@
 mod common;
 
 use common::bitmaps::*;
+use common::open_writable as open_rw;
 use common::*;
-use oxcow::{BitmapOptions, BlockDevice, Image, OpenOptions};
+use oxcow::{BitmapOptions, BlockDevice, Image};
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
 
 #[derive(Debug, Clone)]
 struct ModelBitmap {
@@ -46,17 +46,6 @@ impl ModelBitmap {
         }
         out
     }
-}
-
-fn open_rw(path: &Path) -> Image {
-    Image::open(
-        path,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
 }
 
 fn compare(img: &Image, model: &BTreeMap<String, ModelBitmap>, size: u64, step: &str) {

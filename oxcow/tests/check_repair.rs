@@ -18,24 +18,13 @@
 
 mod common;
 
+use common::have_qemu;
 use common::*;
 use oxcow::engine::check::{CheckReport, Fix};
 use oxcow::{Image, OpenOptions};
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        eprintln!("qemu-img not found: skipping");
-    }
-    ok
-}
 
 /// qemu-img check's result: its JSON (when it printed one), stderr lines and exit.
 struct QemuCheck {

@@ -4,25 +4,13 @@
 //! its own bytes after every operation, and at the end the image must match the
 //! merged model and pass `qemu-img check`.
 
+mod common;
+
+use common::XorShift as Rng;
 use oxcow::format::header::CompressionType;
 use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
 use std::process::Command;
 use std::sync::Arc;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 const SECTOR: u64 = 512;
 

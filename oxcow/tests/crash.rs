@@ -9,31 +9,17 @@
 //! more writes. A second test makes the n-th write or flush fail and requires the
 //! error to be reported and the image to stay consistent.
 
+mod common;
+
+use common::crash::{open_engine as open, qemu_check, replay};
+use common::XorShift as Rng;
 use oxcow::engine::create::format_qcow2;
-use oxcow::engine::meta::ImageMeta;
-use oxcow::engine::{EngineOptions, Qcow2};
 use oxcow::storage::{MemoryStorage, Op, RecordingStorage, Storage};
-use oxcow::{BlockDevice, CreateOptions, RawImage};
+use oxcow::{BlockDevice, CreateOptions};
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// A completed guest flush: the log length when it returned and the disk then.
 struct Checkpoint {
@@ -54,32 +40,6 @@ struct Recorded {
 
 /// One crash state: log entries applied in order; a torn entry applies only a prefix.
 type CrashState = Vec<(usize, Option<usize>)>;
-
-fn open(
-    storage: Arc<dyn Storage>,
-    writable: bool,
-    cache: Option<u64>,
-    backing: Option<&[u8]>,
-) -> oxcow::Result<Qcow2> {
-    let meta = ImageMeta::load(storage.as_ref())?;
-    let backing: Option<Arc<dyn BlockDevice>> = match backing {
-        Some(b) => Some(Arc::new(RawImage::open(Arc::new(
-            MemoryStorage::from_vec(b.to_vec()),
-        ))?)),
-        None => None,
-    };
-    Qcow2::open(
-        meta,
-        storage,
-        None,
-        backing,
-        &EngineOptions {
-            l2_cache_bytes: cache,
-            writable,
-            ..Default::default()
-        },
-    )
-}
 
 struct Workload<'a> {
     opts: CreateOptions,
@@ -220,35 +180,8 @@ fn crash_states(r: &Recorded, i: usize, rng: &mut Rng) -> Vec<CrashState> {
 
 fn apply(r: &Recorded, state: &CrashState) -> Vec<u8> {
     let mut bytes = r.base.clone();
-    for &(j, torn) in state {
-        match (&r.log[j], torn) {
-            (Op::Write { offset, data }, Some(n)) => {
-                let part = Op::Write {
-                    offset: *offset,
-                    data: data[..n].to_vec(),
-                };
-                RecordingStorage::replay(&mut bytes, [&part]);
-            }
-            (op, _) => RecordingStorage::replay(&mut bytes, [op]),
-        }
-    }
+    replay(&mut bytes, &r.log, state.iter().copied());
     bytes
-}
-
-fn qemu_check(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 fn check_state(r: &Recorded, span: usize, state: &CrashState, dir: &Path, n: usize) {

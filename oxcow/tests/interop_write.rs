@@ -2,24 +2,12 @@
 //! keep when it writes: unknown header extensions and fields, autoclear bits, and
 //! the corrupt bit when metadata would be overwritten.
 
+mod common;
+
+use common::XorShift as Rng;
 use oxcow::{BlockDevice, Image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn qemu(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();

@@ -12,10 +12,10 @@
 
 mod common;
 
+use common::crash::{open_engine, qemu_check, replay};
 use common::{tempdir, Rng};
 use oxcow::engine::create::format_qcow2;
-use oxcow::engine::meta::ImageMeta;
-use oxcow::engine::{EngineOptions, Qcow2};
+use oxcow::engine::Qcow2;
 use oxcow::storage::{MemoryStorage, Op, RecordingStorage, Storage};
 use oxcow::{BlockDevice, CreateOptions};
 use std::path::Path;
@@ -23,18 +23,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 fn open(storage: Arc<dyn Storage>, writable: bool) -> oxcow::Result<Qcow2> {
-    let meta = ImageMeta::load(storage.as_ref())?;
-    Qcow2::open(
-        meta,
-        storage,
-        None,
-        None,
-        &EngineOptions {
-            l2_cache_bytes: None,
-            writable,
-            ..Default::default()
-        },
-    )
+    open_engine(storage, writable, None, None)
 }
 
 fn read_all(q: &Qcow2) -> Vec<u8> {
@@ -157,37 +146,17 @@ fn crash_states(log: &[Op], rng: &mut Rng) -> Vec<(Vec<usize>, Option<usize>)> {
     states
 }
 
+/// `ops` of `log` replayed onto `base`, the last one torn after `torn` bytes if given.
 fn apply_log(base: &[u8], log: &[Op], ops: &[usize], torn: Option<usize>) -> Vec<u8> {
     let mut bytes = base.to_vec();
-    for (k, &j) in ops.iter().enumerate() {
-        match (&log[j], torn) {
-            (Op::Write { offset, data }, Some(n)) if k + 1 == ops.len() => {
-                let part = Op::Write {
-                    offset: *offset,
-                    data: data[..n].to_vec(),
-                };
-                RecordingStorage::replay(&mut bytes, [&part]);
-            }
-            (op, _) => RecordingStorage::replay(&mut bytes, [op]),
-        }
-    }
+    let last = ops.len().saturating_sub(1);
+    let ops = ops.iter().enumerate();
+    replay(
+        &mut bytes,
+        log,
+        ops.map(|(k, &j)| (j, torn.filter(|_| k == last))),
+    );
     bytes
-}
-
-fn qemu_check(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 fn check_state(bytes: Vec<u8>, before: &State, after: &State, dir: &Path, n: usize, what: &str) {

@@ -54,14 +54,7 @@ impl Model {
 }
 
 fn open_rw(dir: &Path) -> Image {
-    Image::open(
-        dir.join(IMG),
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
+    common::open_writable(&dir.join(IMG))
 }
 
 /// `qemu-img snapshot -l` as (id, name) pairs.

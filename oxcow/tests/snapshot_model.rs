@@ -8,48 +8,15 @@
 
 mod common;
 
+use common::model::{open_rw, qemu_check_clean};
 use common::{run, tempdir, Rng};
 use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
 
-fn open_rw(path: &Path, cache: Option<u64>) -> Image {
-    let o = OpenOptions {
-        writable: true,
-        l2_cache_bytes: cache,
-        ..Default::default()
-    };
-    Image::open(path, &o).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
 fn assert_reads(img: &Image, model: &[u8], step: &str) {
     assert_eq!(img.size(), model.len() as u64, "{step}: disk size");
-    let mut buf = vec![0u8; model.len()];
-    img.read_at(&mut buf, 0).unwrap();
-    if let Some(at) = buf.iter().zip(model).position(|(a, b)| a != b) {
-        panic!(
-            "{step}: first difference at guest byte {at:#x}: image {:#04x}, model {:#04x}",
-            buf[at], model[at]
-        );
-    }
-}
-
-fn qemu_check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success()
-            && !s.contains("\"leaks\"")
-            && !s.contains("\"corruptions\"")
-            && !s.contains("check-errors\": 1"),
-        "qemu-img check {}:\n{s}\n{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::model::assert_reads(img, model, step);
 }
 
 /// qemu-img's reading of the active disk (`snapshot` None) or of a snapshot, at the

@@ -3,64 +3,14 @@
 //! step the image must read exactly as the model; at the end `qemu-img check` must
 //! find no errors and no leaks, and qemu-img must read the same bytes.
 
+mod common;
+
+use common::model::{assert_reads, open_rw, qemu_check_clean};
+use common::XorShift as Rng;
 use oxcow::format::header::CompressionType;
-use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
+use oxcow::{create_qcow2, BlockDevice, CreateOptions};
 use std::path::Path;
 use std::process::Command;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn open_rw(path: &Path, cache: Option<u64>) -> Image {
-    let o = OpenOptions {
-        writable: true,
-        l2_cache_bytes: cache,
-        ..Default::default()
-    };
-    Image::open(path, &o).unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
-}
-
-fn assert_reads(img: &Image, model: &[u8], step: &str) {
-    let mut buf = vec![0u8; model.len()];
-    img.read_at(&mut buf, 0).unwrap();
-    if let Some(at) = buf.iter().zip(model).position(|(a, b)| a != b) {
-        panic!(
-            "{step}: first difference at guest byte {at:#x}: image {:#04x}, model {:#04x}",
-            buf[at], model[at]
-        );
-    }
-}
-
-fn qemu_check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success()
-            && !s.contains("\"leaks\"")
-            && !s.contains("\"corruptions\"")
-            && !s.contains("check-errors\": 1"),
-        "qemu-img check {}:\n{s}\n{}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn qemu_reads(path: &Path, model: &[u8]) {
     let raw = path.with_extension("raw");

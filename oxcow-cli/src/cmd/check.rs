@@ -226,13 +226,17 @@ fn human(r: &CheckReport) -> String {
 }
 
 /// Runs one check and prints what it found on stderr.
-fn run_check(img: &Image, fix: Fix) -> Result<CheckReport, String> {
+fn run_check(ctx: &Ctx, img: &Image, fix: Fix) -> Result<CheckReport, String> {
     let r = img.check(fix).map_err(|e| match e {
         oxcow::Error::Io(io) => crate::common::io_reason(&io),
         other => other.to_string(),
     })?;
-    for m in &r.messages {
-        eprintln!("{m}");
+    for (reported, m) in r.lines() {
+        if reported {
+            ctx.error(m);
+        } else {
+            eprintln!("{m}");
+        }
     }
     match &r.failure {
         Some(f) => Err(f.clone()),
@@ -258,12 +262,9 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         return 63;
     };
     super::info::warn_stale_bitmaps(ctx, q.meta());
-    let say = |s: &str| {
-        if !a.quiet {
-            print!("{s}");
-        }
-    };
-    let mut report = match run_check(&img, a.fix) {
+    let out = Stdout::new(a.quiet);
+    let say = |s: &str| out.say(s);
+    let mut report = match run_check(ctx, &img, a.fix) {
         Ok(r) => r,
         Err(f) => {
             ctx.error(format!("Check failed: {f}"));
@@ -278,7 +279,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             ));
         }
         let (lf, cf) = (report.leaks_fixed, report.corruptions_fixed);
-        report = match run_check(&img, Fix::None) {
+        report = match run_check(ctx, &img, Fix::None) {
             Ok(r) => r,
             Err(f) => {
                 ctx.error(format!("Check failed: {f}"));
@@ -305,5 +306,40 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         3
     } else {
         0
+    }
+}
+
+/// Standard output as qemu-img's C stdio has it: line-buffered on a terminal, else
+/// held until the end (so that the messages of the double check, on stderr, come
+/// before the repair summary when both go to one file, as with qemu-img).
+struct Stdout {
+    quiet: bool,
+    tty: bool,
+    held: std::cell::RefCell<String>,
+}
+
+impl Stdout {
+    fn new(quiet: bool) -> Stdout {
+        use std::io::IsTerminal;
+        Stdout {
+            quiet,
+            tty: std::io::stdout().is_terminal(),
+            held: Default::default(),
+        }
+    }
+
+    fn say(&self, s: &str) {
+        if self.quiet {
+        } else if self.tty {
+            print!("{s}");
+        } else {
+            self.held.borrow_mut().push_str(s);
+        }
+    }
+}
+
+impl Drop for Stdout {
+    fn drop(&mut self) {
+        print!("{}", self.held.borrow());
     }
 }

@@ -41,6 +41,17 @@ impl Fix {
     }
 }
 
+/// The reason a failed check gives.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Io(io) => crate::error::strerror(io),
+        other => other.to_string(),
+    }
+}
+
+/// Marks the messages printed as error reports (see `CheckReport::lines`).
+const REPORTED: &str = "\u{1}";
+
 /// The result of a check, with qemu-img's counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CheckReport {
@@ -75,6 +86,32 @@ impl CheckReport {
                 .push("(further messages not kept: too many problems to list)".into()),
             _ => {}
         }
+    }
+
+    /// A line qemu-img prints through error_report (after the program's name).
+    pub(crate) fn report(&mut self, m: impl Into<String>) {
+        self.messages.push(format!("{REPORTED}{}", m.into()));
+    }
+
+    /// The messages in order, each with whether it is an error report (printed
+    /// after the program's name, as `qemu-img: MESSAGE`).
+    pub fn lines(&self) -> impl Iterator<Item = (bool, &str)> {
+        self.messages
+            .iter()
+            .map(|m| match m.strip_prefix(REPORTED) {
+                Some(rest) => (true, rest),
+                None => (false, m.as_str()),
+            })
+    }
+
+    /// Adds another part's counters and messages (QEMU's qcow2_add_check_result
+    /// without the cluster statistics).
+    pub(crate) fn add(&mut self, other: &CheckReport) {
+        self.check_errors += other.check_errors;
+        self.leaks += other.leaks;
+        self.corruptions += other.corruptions;
+        self.leaks_fixed += other.leaks_fixed;
+        self.corruptions_fixed += other.corruptions_fixed;
     }
 
     /// Nothing wrong was found (leaks count as wrong).
@@ -197,16 +234,64 @@ impl Qcow2 {
         self.flush()?;
         let mut st = self.writer.as_ref().map(|w| w.state.lock());
         let mut res = CheckReport::default();
+        // The snapshot table's own problems (QEMU's snapshot_res): read first, the
+        // table rewritten after the refcounts are repaired.
+        let mut snap = CheckReport::default();
+        if self.check_mode {
+            match self.read_snapshot_table(st.as_deref_mut(), fix) {
+                Ok(Ok(r)) => snap = r,
+                Ok(Err(r)) => return Ok(r),
+                Err(e) => {
+                    res.check_errors += 1;
+                    res.failure = Some(reason(&e));
+                    return Ok(res);
+                }
+            }
+            res.messages = std::mem::take(&mut snap.messages);
+        }
         match self.check_locked(st.as_deref_mut(), fix, &mut res) {
             Ok(()) => {}
             Err(e) => {
                 res.check_errors += 1;
-                res.failure = Some(match &e {
-                    Error::Io(io) => crate::error::strerror(io),
-                    other => other.to_string(),
-                });
+                res.failure = Some(reason(&e));
             }
         }
+        if let (Some(st), true, None) = (st.as_deref_mut(), fix.errors(), &res.failure) {
+            if snap.corruptions != 0 {
+                let list = st.snapshots.clone();
+                match self.replace_snapshot_table(st, list) {
+                    Ok(old) => {
+                        snap.corruptions_fixed += snap.corruptions;
+                        snap.corruptions = 0;
+                        // As QEMU's qcow2_free_clusters: a failure leaks, no more.
+                        if let Some((offset, len)) = old {
+                            if let Err(e) = self.free_old_snapshot_table(st, offset, len) {
+                                let why = match &e {
+                                    Error::Io(io) => crate::error::strerror(io),
+                                    _ => "Invalid argument".to_string(),
+                                };
+                                res.msg(format!("qcow2_free_clusters failed: {why}"));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        snap.check_errors += 1;
+                        let why = match &e {
+                            Error::Corrupt { what, .. }
+                                if what.starts_with(super::OVERLAP_MESSAGE) =>
+                            {
+                                res.msg(format!("qcow2: Marking image as corrupt: {what}; further corruption events will be suppressed"));
+                                "Input/output error".to_string()
+                            }
+                            e => reason(e),
+                        };
+                        res.msg(format!("ERROR failed to update snapshot table: {why}"));
+                        res.failure = Some(why);
+                    }
+                }
+            }
+        }
+        res.add(&snap);
         if let Some(st) = st.as_deref_mut() {
             if fix != Fix::None
                 && res.failure.is_none()
@@ -218,6 +303,42 @@ impl Qcow2 {
         }
         self.l2_cache.clear();
         Ok(res)
+    }
+
+    /// Reads the snapshot table as a check does (`snapcheck.rs`) and makes it the
+    /// one the check counts and a repair rewrites. `Ok(Err(report))`: the table
+    /// cannot be read, the check fails with that report.
+    fn read_snapshot_table(
+        &self,
+        st: Option<&mut WriteState>,
+        fix: Fix,
+    ) -> Result<std::result::Result<CheckReport, CheckReport>> {
+        let h = &self.meta.header;
+        let io = self.storage.as_ref();
+        let mut t = match super::snapcheck::read_for_check(io, h.cluster_size(), h.version, fix)? {
+            Ok(t) => t,
+            Err(super::snapcheck::Unreadable(r)) => return Ok(Err(r)),
+        };
+        let res = std::mem::take(&mut t.res);
+        match st {
+            Some(st) => {
+                let size = self.size();
+                st.header.nb_snapshots = t.entries.len() as u32;
+                st.header.snapshots_offset = t.offset;
+                st.snapshots_len = t.len;
+                // An entry without a recorded disk size had the current one (QEMU).
+                st.snapshots = t
+                    .entries
+                    .into_iter()
+                    .map(|s| crate::format::snapshot::SnapshotEntry {
+                        disk_size: s.disk_size.or(Some(size)),
+                        ..s
+                    })
+                    .collect();
+            }
+            None => *self.checked_snapshots.lock() = Some(t),
+        }
+        Ok(Ok(res))
     }
 
     fn mark_clean_and_consistent(&self, st: &mut WriteState) -> Result<()> {
@@ -247,6 +368,15 @@ impl Qcow2 {
             },
             None => {
                 let h = &self.meta.header;
+                let checked = self.checked_snapshots.lock().clone();
+                let (snapshots_offset, snapshots_len, snapshots) = match checked {
+                    Some(t) => (t.offset, t.len, t.entries),
+                    None => (
+                        h.snapshots_offset,
+                        self.meta.snapshots_len,
+                        self.meta.snapshots.clone(),
+                    ),
+                };
                 let mut raw =
                     vec![0u8; (h.refcount_table_clusters as u64 * h.cluster_size()) as usize];
                 read_padded(self.storage.as_ref(), &mut raw, h.refcount_table_offset)?;
@@ -254,9 +384,9 @@ impl Qcow2 {
                     l1_offset: h.l1_table_offset,
                     offset: h.refcount_table_offset,
                     entries: u64_table(&raw),
-                    snapshots_offset: h.snapshots_offset,
-                    snapshots_len: self.meta.snapshots_len,
-                    snapshots: self.meta.snapshots.clone(),
+                    snapshots_offset,
+                    snapshots_len,
+                    snapshots,
                     bitmaps: self
                         .meta
                         .bitmaps_ext

@@ -99,7 +99,7 @@ impl Qcow2 {
     /// the same file whatever thread compressed the data.
     pub fn write_compressed_prepared(&self, compressed: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
+        let _guest = self.guest_io.read();
         let cs = self.cluster_size();
         if !offset.is_multiple_of(cs) || offset >= self.size() {
             return Err(Error::InvalidArgument(format!("compressed writes need a whole cluster; offset {offset:#x} is not a cluster start inside the disk")));

@@ -33,6 +33,13 @@ pub struct ImageMeta {
 
 impl ImageMeta {
     pub fn load(storage: &dyn Storage) -> Result<ImageMeta> {
+        Self::load_with(storage, false)
+    }
+
+    /// `check`: opened to be checked (QEMU's check mode), where a snapshot table
+    /// that cannot be loaded is no error: the check reads it itself and reports
+    /// what is wrong with it (`engine/snapcheck.rs`).
+    pub fn load_with(storage: &dyn Storage, check: bool) -> Result<ImageMeta> {
         let file_len = storage.len()?;
         // Learn the cluster size from the fixed fields, then read cluster 0 whole; the
         // full parse below reports any field that is wrong.
@@ -46,7 +53,7 @@ impl ImageMeta {
         };
         let mut c0 = vec![0u8; cluster_size.min(file_len) as usize];
         storage.read_at(&mut c0, 0)?;
-        let header = Header::parse(&c0)?;
+        let header = Header::parse_with(&c0, !check)?;
 
         let unknown = header.incompatible_features & !incompat::KNOWN;
         let ext_start = header.extensions_offset();
@@ -118,7 +125,12 @@ impl ImageMeta {
                 h.l1_table_offset,
             ));
         }
-        (meta.snapshots, meta.snapshots_len) = load_snapshots(storage, &meta.header, file_len)?;
+        (meta.snapshots, meta.snapshots_len) = match load_snapshots(storage, &meta.header, file_len)
+        {
+            Ok(t) => t,
+            Err(_) if check => (Vec::new(), 0),
+            Err(e) => return Err(e),
+        };
         if meta.header.autoclear_features & autoclear::BITMAPS != 0 {
             if let Some(b) = meta.bitmaps_ext {
                 meta.bitmaps = load_bitmaps(storage, &meta.header, &b, file_len)?;

@@ -20,6 +20,7 @@ mod read;
 mod rebuild;
 pub mod refcounts;
 pub mod refscan;
+mod snapcheck;
 pub mod snapshot;
 mod truncate;
 mod write;
@@ -77,11 +78,17 @@ pub struct Qcow2 {
     writer: Option<writestate::Writer>,
     /// Guest writes hold it shared for their whole request; snapshot operations
     /// hold it exclusively, so that no write is half in a snapshot (QEMU drains).
+    /// Fair: a waiting snapshot stops new requests, so it is never starved; a
+    /// request therefore takes it once, at its outermost entry point.
     guest_io: RwLock<()>,
     /// Dirty bitmaps (of writable images); taken before the writer's lock.
     bitmaps: Mutex<bitmaps::BitmapSet>,
     /// Some bitmap records writes (lets writes skip the bitmap lock otherwise).
     tracking: AtomicBool,
+    /// Opened to be checked: each check reads the snapshot table itself.
+    check_mode: bool,
+    /// The snapshot table as the last check of a read-only image read it.
+    checked_snapshots: Mutex<Option<snapcheck::CheckedTable>>,
 }
 
 impl Qcow2 {
@@ -131,6 +138,8 @@ impl Qcow2 {
             guest_io: RwLock::new(()),
             bitmaps: Mutex::new(bitmaps::BitmapSet::default()),
             tracking: AtomicBool::new(false),
+            check_mode: opts.check,
+            checked_snapshots: Mutex::new(None),
         };
         if q.writer.is_some() && !opts.check {
             if q.meta.header.is_dirty() {

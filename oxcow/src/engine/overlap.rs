@@ -45,13 +45,25 @@ impl Metadata {
 pub const OVERLAP_MESSAGE: &str = "Preventing invalid write on metadata";
 
 impl Qcow2 {
+    /// Whether a metadata overlap stopped writes (the image is marked corrupt); QEMU
+    /// then takes the medium away for every request.
+    pub fn writes_stopped(&self) -> bool {
+        self.writer.as_ref().is_some_and(|w| w.state.lock().corrupt)
+    }
+
     /// Refuses (and marks the image corrupt) when `off..off+len`, just allocated,
     /// covers metadata: the refcounts said metadata was free.
     pub(super) fn check_overlap(&self, st: &mut WriteState, off: u64, len: u64) -> Result<()> {
         // Every structure lies inside the file (new L2 tables count in `file_len`
         // before they are written): growing the file overlaps nothing, and costs no
         // walk over the tables.
-        if off >= self.file_len() && off >= self.storage.len()? {
+        // (A damaged snapshot table being repaired may run past the end.)
+        let h = &st.header;
+        let snapshots_end = match h.nb_snapshots {
+            0 => 0,
+            _ => h.snapshots_offset.saturating_add(st.snapshots_len),
+        };
+        if off >= self.file_len() && off >= self.storage.len()? && off >= snapshots_end {
             return Ok(());
         }
         let Some(what) = self.overlapping_metadata(st, off, len) else {

@@ -490,7 +490,24 @@ impl Qcow2 {
     /// everything (refcounts, tables) synced, the table written and synced, then the
     /// header's nb_snapshots and snapshots_offset in one synced write, then the old
     /// table freed.
-    fn write_snapshot_table(&self, st: &mut WriteState, list: Vec<SnapshotEntry>) -> Result<()> {
+    pub(super) fn write_snapshot_table(
+        &self,
+        st: &mut WriteState,
+        list: Vec<SnapshotEntry>,
+    ) -> Result<()> {
+        match self.replace_snapshot_table(st, list)? {
+            Some((offset, len)) => self.free_old_snapshot_table(st, offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// `write_snapshot_table` up to the header update; returns the old table (where,
+    /// how long) for the caller to free.
+    pub(super) fn replace_snapshot_table(
+        &self,
+        st: &mut WriteState,
+        list: Vec<SnapshotEntry>,
+    ) -> Result<Option<(u64, u64)>> {
         let io = self.storage.as_ref();
         let cs = self.cluster_size();
         let mut bytes = Vec::new();
@@ -530,11 +547,20 @@ impl Qcow2 {
         st.header.snapshots_offset = offset;
         st.snapshots = list;
         st.snapshots_len = len;
-        if old_n > 0 && old_len > 0 {
-            self.change_refcount(st, old_off, old_len, true)?;
-            st.refcounts.flush_blocks(io)?;
-            io.flush()?;
-        }
+        Ok((old_n > 0 && old_len > 0).then_some((old_off, old_len)))
+    }
+
+    /// Frees the clusters of a snapshot table no longer in use.
+    pub(super) fn free_old_snapshot_table(
+        &self,
+        st: &mut WriteState,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
+        let io = self.storage.as_ref();
+        self.change_refcount(st, offset, len, true)?;
+        st.refcounts.flush_blocks(io)?;
+        io.flush()?;
         Ok(())
     }
 }

@@ -29,6 +29,7 @@ impl Qcow2 {
         // `falloc` and `full` give the area new clusters that read as zeros.
         let zero_flags = zero && matches!(prealloc, Preallocation::Off | Preallocation::Metadata);
         if zero_flags && self.meta.header.version < 3 {
+            self.check_resizable(new_size)?;
             // Zero flags are the only way QEMU zeroes the area, and v2 has none: it
             // refuses (here before the size changes; QEMU after preallocating).
             return Err(Error::Unsupported(

@@ -265,7 +265,7 @@ impl Qcow2 {
     /// Writes `buf` at guest `offset`.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
+        let _guest = self.guest_io.read();
         check_range(offset, buf.len() as u64, self.size.load(Ordering::Acquire))?;
         self.record_write(offset, buf.len() as u64)?;
         let cs = self.cluster_size();
@@ -513,7 +513,7 @@ impl Qcow2 {
     /// inside the range are freed.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
+        let _guest = self.guest_io.read();
         check_range(offset, len, self.size.load(Ordering::Acquire))?;
         self.record_write(offset, len)?;
         let h = &self.meta.header;
@@ -643,8 +643,13 @@ impl Qcow2 {
     /// alone, as QEMU does): they read as zeros afterwards and their host clusters
     /// are freed. A v2 image over a backing file is left alone, as QEMU leaves it.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _guest = self.guest_io.read();
+        self.discard_clusters(offset, len)
+    }
+
+    /// `discard` inside a guest request that already holds `guest_io`.
+    pub(super) fn discard_clusters(&self, offset: u64, len: u64) -> Result<()> {
         let w = self.writer()?;
-        let _guest = self.guest_io.read_recursive();
         let size = self.size.load(Ordering::Acquire);
         check_range(offset, len, size)?;
         self.record_write(offset, len)?;
@@ -794,6 +799,25 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The checks QEMU makes before it changes anything in a resize.
+    pub(super) fn check_resizable(&self, new_size: u64) -> Result<()> {
+        let w = self.writer()?;
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::InvalidArgument(
+                "Image size must be a multiple of 512 bytes".into(),
+            ));
+        }
+        let old_size = self.size.load(Ordering::Acquire);
+        self.check_bitmaps_resizable(new_size)?;
+        let st = w.state.lock();
+        if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
+            return Err(Error::Unsupported(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Changes the virtual size: the L1 table, the header, the data file. Growing
     /// keeps every byte (and, with `zero_old_tail`, zeroes what the last cluster
     /// holds past the old end); shrinking needs `shrink` and drops everything past
@@ -805,21 +829,8 @@ impl Qcow2 {
         zero_old_tail: bool,
     ) -> Result<()> {
         let w = self.writer()?;
-        if !new_size.is_multiple_of(512) {
-            return Err(Error::InvalidArgument(
-                "Image size must be a multiple of 512 bytes".into(),
-            ));
-        }
+        self.check_resizable(new_size)?;
         let old_size = self.size.load(Ordering::Acquire);
-        self.check_bitmaps_resizable(new_size)?;
-        {
-            let st = w.state.lock();
-            if st.header.version < 3 && st.header.nb_snapshots > 0 && new_size != old_size {
-                return Err(Error::Unsupported(
-                    "Can't resize a v2 image which has snapshots".into(),
-                ));
-            }
-        }
         if new_size < old_size {
             if !shrink {
                 return Err(Error::InvalidArgument(

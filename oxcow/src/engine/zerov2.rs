@@ -25,7 +25,7 @@ impl Qcow2 {
             self.write_zero_bytes(w, offset, head_end - offset)?;
         }
         if mid_start < mid_end {
-            self.discard(mid_start, mid_end - mid_start)?;
+            self.discard_clusters(mid_start, mid_end - mid_start)?;
         }
         let tail_start = mid_end.max(head_end);
         if tail_start < end {

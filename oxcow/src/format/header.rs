@@ -157,6 +157,12 @@ impl Header {
     /// Parses and validates a header from the start of cluster 0. `buf` should hold at
     /// least the first cluster, or the whole file when it is shorter.
     pub fn parse(buf: &[u8]) -> Result<Header> {
+        Self::parse_with(buf, true)
+    }
+
+    /// Parses the header; `snapshots`: also validate the snapshot table fields (an
+    /// open to be checked leaves them to the check, as QEMU's does).
+    pub fn parse_with(buf: &[u8], snapshots: bool) -> Result<Header> {
         if buf.len() < V2_HEADER_LEN as usize {
             if buf.len() >= 4 && u32_at(buf, 0) == MAGIC {
                 return Err(Error::header(
@@ -260,12 +266,21 @@ impl Header {
                 h.unknown_tail = buf[V3_HEADER_LEN_WITH_COMPRESSION as usize..hl].to_vec();
             }
         }
-        h.validate()?;
+        h.validate_fields()?;
+        if snapshots {
+            h.validate_snapshot_fields()?;
+        }
         Ok(h)
     }
 
     /// The checks that need only the header's own fields.
     pub fn validate(&self) -> Result<()> {
+        self.validate_fields()?;
+        self.validate_snapshot_fields()
+    }
+
+    /// The header's fields but nb_snapshots and snapshots_offset.
+    fn validate_fields(&self) -> Result<()> {
         let cs = self.cluster_size();
         if self.refcount_order > 6 {
             return Err(Error::header(
@@ -363,6 +378,12 @@ impl Header {
             rt_bytes,
             cs,
         )?;
+        Ok(())
+    }
+
+    /// nb_snapshots and snapshots_offset.
+    fn validate_snapshot_fields(&self) -> Result<()> {
+        let cs = self.cluster_size();
         if self.nb_snapshots > MAX_SNAPSHOTS {
             return Err(Error::header(
                 "nb_snapshots",

@@ -80,9 +80,43 @@ impl Rng {
     }
 }
 
+/// Plain xorshift64 (shifts 13, 7, 17) from a raw, non-zero state: the generator of
+/// the write, crash and concurrency tests, whose seeds pick their programs.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number in `0..n` (`0` when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Running QEMU's tools.
 // ---------------------------------------------------------------------------------
+
+/// Whether qemu-img runs; says so when it does not.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("qemu-img not found: skipping");
+    }
+    ok
+}
 
 /// Runs a command, panicking with its output unless it succeeds; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
@@ -545,6 +579,18 @@ pub fn assert_maps_agree(what: &str, qemu: &[MapRun], ours: &[MapRun]) {
 // The checks.
 // ---------------------------------------------------------------------------------
 
+/// Opens `path` read-write with default options.
+pub fn open_writable(path: &Path) -> Image {
+    Image::open(
+        path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 pub fn open(path: &Path) -> Image {
     Image::open(path, &OpenOptions::default())
         .unwrap_or_else(|e| panic!("oxcow cannot open {}: {e}", path.display()))
@@ -802,3 +848,5 @@ pub fn tempdir() -> tempfile::TempDir {
 }
 
 pub mod bitmaps;
+pub mod crash;
+pub mod model;

@@ -36,6 +36,10 @@ pub fn strerror(errno: i32) -> String {
 
 /// `blk_check_byte_request()`: a request past the end of the disk fails with EIO.
 fn check_request(st: &State, offset: u64, bytes: u64) -> Result<(), i32> {
+    // After a metadata overlap QEMU has taken the medium away.
+    if st.image().qcow2().is_some_and(|q| q.writes_stopped()) {
+        return Err(-libc::ENOMEDIUM);
+    }
     let size = st.disk_len();
     if bytes > size || offset > size - bytes {
         return Err(-EIO);
