@@ -46,3 +46,62 @@ pub fn qemu_check_clean(path: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// The steps of a random program, each done to the image and to the model of its
+// disk; each returns what it did, for messages.
+
+/// Writes `len` bytes at `off`, sector `n` (of 512 bytes) filled with `fill + n`.
+pub fn write_pattern(img: &Image, model: &mut [u8], off: u64, len: u64, fill: u8) -> String {
+    let data: Vec<u8> = (0..len)
+        .map(|i| fill.wrapping_add((i / 512) as u8))
+        .collect();
+    img.write_at(&data, off).unwrap();
+    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+    format!("write {off:#x}+{len:#x}")
+}
+
+/// Zeroes `len` bytes at `off`, unmapping them when `unmap`.
+pub fn write_zeroes(img: &Image, model: &mut [u8], off: u64, len: u64, unmap: bool) -> String {
+    img.write_zeroes(off, len, unmap).unwrap();
+    model[off as usize..(off + len) as usize].fill(0);
+    format!("write-zeroes {off:#x}+{len:#x} unmap={unmap}")
+}
+
+/// Discards `len` bytes at `off`: the whole clusters in it (and the tail of the disk)
+/// read as zeros afterwards, unless `ignored` (a v2 image over a backing file, which
+/// QEMU does not discard, as the clusters would show the backing file).
+pub fn discard(
+    img: &Image,
+    model: &mut [u8],
+    off: u64,
+    len: u64,
+    cluster: u64,
+    ignored: bool,
+) -> String {
+    img.discard(off, len).unwrap();
+    let size = model.len() as u64;
+    let start = off.div_ceil(cluster) * cluster;
+    let end = if off + len == size {
+        size
+    } else {
+        (off + len) / cluster * cluster
+    };
+    if !ignored && start < end {
+        model[start as usize..end as usize].fill(0);
+    }
+    format!("discard {off:#x}+{len:#x}")
+}
+
+/// Writes the cluster at `c` compressed, 4 KiB block `n` filled with `fill + n`; only
+/// an unallocated cluster takes it (the image refuses the others).
+pub fn write_compressed(img: &Image, model: &mut [u8], c: u64, cluster: u64, fill: u8) -> String {
+    let n = cluster.min(model.len() as u64 - c);
+    let data: Vec<u8> = (0..n)
+        .map(|i| fill.wrapping_add((i / 4096) as u8))
+        .collect();
+    match img.qcow2().expect("qcow2").write_compressed(&data, c) {
+        Ok(()) => model[c as usize..(c + n) as usize].copy_from_slice(&data),
+        Err(e) => assert!(e.to_string().contains("overwrite"), "{e}"),
+    }
+    format!("write -c {c:#x}")
+}
