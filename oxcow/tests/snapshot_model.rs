@@ -9,7 +9,7 @@
 mod common;
 
 use common::model::{
-    discard, open_rw, qemu_check_clean, write_compressed, write_pattern, write_zeroes,
+    discard, open_rw, qemu_check_clean, write_compressed, write_pattern, write_zeroes, Program,
 };
 use common::{run, tempdir, Rng};
 use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
@@ -43,35 +43,19 @@ fn qemu_reads(path: &Path, snapshot: Option<&str>, model: &[u8], size: usize) {
     }
 }
 
-struct Program<'a> {
-    size: u64,
-    cluster: u64,
-    v2: bool,
-    seed: u64,
-    steps: usize,
-    backing: Option<&'a [u8]>,
-    cache: Option<u64>,
-}
-
 /// Runs a random program; returns the active model and the snapshots' (id, model).
 fn run_program(path: &Path, prog: &Program) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let Program {
-        size,
         cluster,
         v2,
         seed,
         steps,
         backing,
         cache,
+        ..
     } = *prog;
     let mut rng = Rng::new(seed);
-    let mut model = backing
-        .map(|b| {
-            let mut m = b.to_vec();
-            m.resize(size as usize, 0);
-            m
-        })
-        .unwrap_or_else(|| vec![0u8; size as usize]);
+    let mut model = prog.initial_model();
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let mut img = open_rw(path, cache);
     let mut names = 0;

@@ -6,7 +6,8 @@
 mod common;
 
 use common::model::{
-    assert_reads, discard, open_rw, qemu_check_clean, write_compressed, write_pattern, write_zeroes,
+    assert_reads, discard, open_rw, qemu_check_clean, write_compressed, write_pattern,
+    write_zeroes, Program,
 };
 use common::{qemu_read_raw, XorShift as Rng};
 use oxcow::format::header::CompressionType;
@@ -25,17 +26,6 @@ fn qemu_reads(path: &Path, model: &[u8]) {
     }
 }
 
-/// A random program to run on one image.
-struct Program<'a> {
-    size: u64,
-    cluster: u64,
-    v2: bool,
-    seed: u64,
-    steps: usize,
-    backing: Option<&'a [u8]>,
-    cache: Option<u64>,
-}
-
 /// Runs a random program; returns the model.
 fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
     let Program {
@@ -48,13 +38,7 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
         cache,
     } = *prog;
     let mut rng = Rng(seed | 1);
-    let mut model = backing
-        .map(|b| {
-            let mut m = b.to_vec();
-            m.resize(size as usize, 0);
-            m
-        })
-        .unwrap_or_else(|| vec![0u8; size as usize]);
+    let mut model = prog.initial_model();
     let mut img = open_rw(path, cache);
     let mut size = size;
     for step in 0..steps {

@@ -47,6 +47,34 @@ pub fn qemu_check_clean(path: &Path) {
     );
 }
 
+/// A random program to run on one image: its disk size and cluster size, whether
+/// it is a v2 image, the seed of its steps, how many, the backing file's bytes if
+/// any, and the L2 cache size.
+pub struct Program<'a> {
+    pub size: u64,
+    pub cluster: u64,
+    pub v2: bool,
+    pub seed: u64,
+    pub steps: usize,
+    pub backing: Option<&'a [u8]>,
+    pub cache: Option<u64>,
+}
+
+impl Program<'_> {
+    /// The disk before the first step: the backing file's bytes (cut or padded with
+    /// zeros to the disk size), or zeros.
+    pub fn initial_model(&self) -> Vec<u8> {
+        let size = self.size as usize;
+        self.backing
+            .map(|b| {
+                let mut m = b.to_vec();
+                m.resize(size, 0);
+                m
+            })
+            .unwrap_or_else(|| vec![0u8; size])
+    }
+}
+
 // The steps of a random program, each done to the image and to the model of its
 // disk; each returns what it did, for messages.
 
