@@ -411,6 +411,15 @@ fn data_src(rng: &mut Rng, patterns: &[String]) -> String {
 // What QEMU says an image holds.
 // ---------------------------------------------------------------------------------
 
+/// `qemu-img check --output=json PATH`, whatever it answers.
+pub fn qemu_check_json(path: &Path) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
 /// `qemu-img convert -O raw PATH RAW`, which must succeed: the guest bytes as
 /// qemu-img reads them (RAW stays next to the image).
 pub fn qemu_read_raw(path: &Path, raw: &Path) -> Vec<u8> {

@@ -2,9 +2,9 @@
 //! an image for writing, comparing it with the flat model of its disk, and requiring
 //! `qemu-img check` to find it clean.
 
+use super::qemu_check_json;
 use oxcow::{BlockDevice, Image, OpenOptions};
 use std::path::Path;
-use std::process::Command;
 
 /// Opens `path` read-write with an L2 cache of `cache` bytes (the default if `None`).
 pub fn open_rw(path: &Path, cache: Option<u64>) -> Image {
@@ -30,11 +30,7 @@ pub fn assert_reads(img: &Image, model: &[u8], step: &str) {
 
 /// `qemu-img check --output=json` succeeds with no leak, corruption or check error.
 pub fn qemu_check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success()
