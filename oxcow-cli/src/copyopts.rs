@@ -2,6 +2,7 @@
 //! and plain integers with a range), cache mode names, getopt and usage errors.
 
 use crate::common::Ctx;
+use crate::qopt::Opt;
 use crate::sizearg::{strtosz, SizeError};
 
 /// Prints a getopt error as glibc and qemu-img do (`PROG CMD: message`, then the
@@ -10,6 +11,41 @@ pub fn getopt_error(ctx: &Ctx, cmd: &str, msg: &str) -> u8 {
     eprintln!("{} {}: {}", ctx.prog, cmd, msg);
     eprintln!("Try '{} {} --help' for more info", ctx.prog, cmd);
     1
+}
+
+/// The start of each turn of a command's getopt loop: a getopt error is reported
+/// (`Err(1)`), `-h` prints the command's help (`Err(0)`); any other option gives its
+/// id and argument ("" when it has none).
+pub fn next_option(
+    ctx: &Ctx,
+    cmd: &str,
+    help: &str,
+    item: Result<Opt, String>,
+) -> Result<(String, String), u8> {
+    let opt = item.map_err(|msg| getopt_error(ctx, cmd, &msg))?;
+    if opt.id == "h" {
+        print!("{}", help.replace("PROG", &ctx.prog));
+        return Err(0);
+    }
+    Ok((opt.id, opt.arg.unwrap_or_default()))
+}
+
+/// What oxcow answers to `--object` (it has no QOM objects).
+pub const OBJECT_UNSUPPORTED: &str = "--object is not supported by oxcow";
+
+/// Reports `--object` as unsupported; exit code 1.
+pub fn object_unsupported(ctx: &Ctx) -> u8 {
+    ctx.error(OBJECT_UNSUPPORTED);
+    1
+}
+
+/// The error for `--image-opts` (oxcow takes only file names): qemu-img's own when
+/// `--format` is given too, otherwise why `filename` cannot be opened.
+pub fn image_opts_refusal(with_format: bool, filename: &str) -> String {
+    if with_format {
+        return "--image-opts and --format are mutually exclusive".into();
+    }
+    format!("Could not open '{filename}': --image-opts is not supported by oxcow")
 }
 
 /// qemu-img's `error_exit`: the message, then the hint to read the command's help;
@@ -23,7 +59,7 @@ pub fn usage_error(ctx: &Ctx, cmd: &str, msg: impl std::fmt::Display) -> u8 {
 /// `qemu_strtou64(s, NULL, 0)`: strtoull with base detection (0x hex, 0 octal),
 /// leading white space allowed, nothing after the digits; a minus sign wraps as in
 /// strtoull. `None` when it does not parse, `Some(Err(()))` on overflow.
-fn strtou64(s: &str) -> Option<Result<u64, ()>> {
+pub fn strtou64(s: &str) -> Option<Result<u64, ()>> {
     let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
     let (neg, t) = match t.as_bytes().first() {
         Some(b'-') => (true, &t[1..]),
@@ -98,6 +134,17 @@ pub fn valid_cache_mode(mode: &str) -> bool {
     )
 }
 
+/// Checks the cache mode of a `-t` (`kind` "cache") or `-T` (`kind` "source cache")
+/// option as qemu-img does: an unknown mode is reported as `Invalid KIND option: MODE`
+/// and gives `false`.
+pub fn cache_mode_ok(ctx: &Ctx, kind: &str, mode: &str) -> bool {
+    if valid_cache_mode(mode) {
+        return true;
+    }
+    ctx.error(format!("Invalid {kind} option: {mode}"));
+    false
+}
+
 /// Image formats qemu-img 10 knows: an output format oxcow does not write yet gets a
 /// "not supported yet" message instead of qemu-img's "Unknown file format".
 pub fn qemu_knows_format(fmt: &str) -> bool {
@@ -156,6 +203,40 @@ pub fn unsupported_output_format(fmt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_loop_start() {
+        let ctx = Ctx {
+            prog: "qemu-img".into(),
+        };
+        let opt = |id: &str, arg: Option<&str>| Opt {
+            id: id.into(),
+            arg: arg.map(str::to_string),
+        };
+        let next = |item| next_option(&ctx, "amend", "help", item);
+        assert_eq!(
+            next(Ok(opt("f", Some("raw")))),
+            Ok(("f".into(), "raw".into()))
+        );
+        assert_eq!(next(Ok(opt("q", None))), Ok(("q".into(), String::new())));
+        assert_eq!(next(Ok(opt("h", None))), Err(0));
+        assert_eq!(next(Err("invalid option -- 'z'".into())), Err(1));
+        assert!(cache_mode_ok(&ctx, "cache", "writeback"));
+        assert!(!cache_mode_ok(&ctx, "cache", "bogus"));
+        assert_eq!(object_unsupported(&ctx), 1);
+    }
+
+    #[test]
+    fn image_opts_refusals() {
+        assert_eq!(
+            image_opts_refusal(true, "a.qcow2"),
+            "--image-opts and --format are mutually exclusive"
+        );
+        assert_eq!(
+            image_opts_refusal(false, "a.qcow2"),
+            "Could not open 'a.qcow2': --image-opts is not supported by oxcow"
+        );
+    }
 
     #[test]
     fn integers_like_strtoull() {

@@ -14,31 +14,11 @@
 
 mod support;
 
-use std::process::Output;
 use support::{have_qemu, Scratch as Dir, Setup};
 
 impl Dir {
     fn new() -> Dir {
         Dir::with(Setup::default())
-    }
-
-    /// Runs the same command line through qemu-img and oxcow: same exit code, stdout
-    /// and stderr.
-    fn same(&self, args: &[&str]) -> Output {
-        let q = self.qemu(args);
-        let x = self.oxcow(args);
-        assert_eq!(
-            String::from_utf8_lossy(&x.stderr),
-            String::from_utf8_lossy(&q.stderr),
-            "stderr of {args:?}"
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&x.stdout),
-            String::from_utf8_lossy(&q.stdout),
-            "stdout of {args:?}"
-        );
-        assert_eq!(x.status.code(), q.status.code(), "exit code of {args:?}");
-        x
     }
 
     fn read(&self, name: &str) -> Vec<u8> {
@@ -506,7 +486,7 @@ fn messages_match_qemu() {
         let _ = d.qemu(&args);
         let q_left = d.exists("o.qcow2");
         let _ = std::fs::remove_file(d.path("o.qcow2"));
-        d.same(&args);
+        d.same_as_qemu_img(&args);
         assert_eq!(d.exists("o.qcow2"), q_left, "{args:?}: target left behind");
     }
     for args in [
@@ -534,11 +514,11 @@ fn messages_match_qemu() {
             "/nonexistent-dir/o.qcow2",
         ],
     ] {
-        d.same(args);
+        d.same_as_qemu_img(args);
     }
     // A failing check deletes the image file and the data file qemu-img created.
     std::fs::write(d.path("o.data"), b"old").unwrap();
-    d.same(&[
+    d.same_as_qemu_img(&[
         "convert",
         "-O",
         "qcow2",
@@ -549,7 +529,7 @@ fn messages_match_qemu() {
     ]);
     assert!(!d.exists("o.data") && !d.exists("o.qcow2"));
     // Compression into an image with an external data file fails at the first write.
-    d.same(&[
+    d.same_as_qemu_img(&[
         "convert",
         "-O",
         "qcow2",
@@ -579,7 +559,7 @@ fn progress_matches_qemu() {
             let mut args = vec!["convert", "-p", "-O", "qcow2"];
             args.extend_from_slice(extra);
             args.extend_from_slice(&[src, "o.qcow2"]);
-            d.same(&args);
+            d.same_as_qemu_img(&args);
         }
     }
 }

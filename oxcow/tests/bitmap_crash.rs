@@ -11,6 +11,7 @@ mod common;
 
 use common::bitmaps::qemu_bitmap_list;
 use common::crash::open_engine;
+use common::qemu_check_json;
 use common::XorShift as Rng;
 use common::{create_qcow2, qemu_img, qemu_io, tempdir};
 use oxcow::engine::Qcow2;
@@ -18,7 +19,6 @@ use oxcow::storage::{Op, RecordingStorage, Storage};
 use oxcow::{BitmapOptions, BlockDevice, Image, OpenOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 type Ranges = Vec<(u64, u64)>;
@@ -39,11 +39,7 @@ fn state_of(path: &Path) -> State {
 
 /// Checks one crash state written at `path`.
 fn check_state(path: &Path, old: &State, new: &State, what: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     let text = String::from_utf8_lossy(&out.stdout);
     // 0: clean; 3: leaks only.
     assert!(
@@ -92,11 +88,7 @@ fn check_state(path: &Path, old: &State, new: &State, what: &str) {
         .unwrap_or_else(|e| panic!("{what}: oxcow cannot open: {e}"));
         img.write_at(&[9; 512], 0).unwrap();
     }
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     assert!(
         matches!(out.status.code(), Some(0) | Some(3)),
         "{what}: after oxcow: {}",

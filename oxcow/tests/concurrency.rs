@@ -6,10 +6,9 @@
 
 mod common;
 
-use common::XorShift as Rng;
+use common::{qemu_check_json, qemu_read_raw, XorShift as Rng};
 use oxcow::format::header::CompressionType;
 use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
-use std::process::Command;
 use std::sync::Arc;
 
 const SECTOR: u64 = 512;
@@ -126,26 +125,14 @@ fn stress(opts: CreateOptions, threads: u64, ops: usize) {
     img.read_at(&mut all, 0).unwrap();
     assert!(all == merged, "final contents differ from the merged model");
     drop(img);
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(&path);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !s.contains("\"leaks\"") && !s.contains("\"corruptions\""),
         "qemu-img check:\n{s}"
     );
-    let raw = dir.path().join("s.raw");
-    assert!(Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(&path)
-        .arg(&raw)
-        .status()
-        .unwrap()
-        .success());
     assert!(
-        std::fs::read(&raw).unwrap() == merged,
+        qemu_read_raw(&path, &dir.path().join("s.raw")) == merged,
         "qemu-img reads other bytes"
     );
 }

@@ -1,6 +1,9 @@
 //! Images created by oxcow are byte-identical to those qemu-img creates with the same
 //! options, and pass `qemu-img check`.
 
+mod common;
+
+use common::qemu_check_json;
 use oxcow::format::header::CompressionType;
 use oxcow::{create_qcow2, CreateOptions, Preallocation};
 use std::path::Path;
@@ -21,11 +24,7 @@ fn qemu_create(path: &Path, size: u64, opts: &str) {
 }
 
 fn check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .expect("run qemu-img check");
+    let out = qemu_check_json(path);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

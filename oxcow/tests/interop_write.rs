@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::XorShift as Rng;
+use common::{qemu_check_json, XorShift as Rng};
 use oxcow::{BlockDevice, Image, OpenOptions};
 use std::path::Path;
 use std::process::Command;
@@ -19,11 +19,7 @@ fn qemu(args: &[&str]) {
 }
 
 fn check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !s.contains("\"leaks\"") && !s.contains("\"corruptions\""),

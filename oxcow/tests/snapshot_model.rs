@@ -8,7 +8,9 @@
 
 mod common;
 
-use common::model::{open_rw, qemu_check_clean};
+use common::model::{
+    discard, open_rw, qemu_check_clean, write_compressed, write_pattern, write_zeroes, Program,
+};
 use common::{run, tempdir, Rng};
 use oxcow::{create_qcow2, BlockDevice, CreateOptions, Image, OpenOptions};
 use std::path::Path;
@@ -41,35 +43,19 @@ fn qemu_reads(path: &Path, snapshot: Option<&str>, model: &[u8], size: usize) {
     }
 }
 
-struct Program<'a> {
-    size: u64,
-    cluster: u64,
-    v2: bool,
-    seed: u64,
-    steps: usize,
-    backing: Option<&'a [u8]>,
-    cache: Option<u64>,
-}
-
 /// Runs a random program; returns the active model and the snapshots' (id, model).
 fn run_program(path: &Path, prog: &Program) -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let Program {
-        size,
         cluster,
         v2,
         seed,
         steps,
         backing,
         cache,
+        ..
     } = *prog;
     let mut rng = Rng::new(seed);
-    let mut model = backing
-        .map(|b| {
-            let mut m = b.to_vec();
-            m.resize(size as usize, 0);
-            m
-        })
-        .unwrap_or_else(|| vec![0u8; size as usize]);
+    let mut model = prog.initial_model();
     let mut snaps: Vec<(String, Vec<u8>)> = Vec::new();
     let mut img = open_rw(path, cache);
     let mut names = 0;
@@ -83,42 +69,18 @@ fn run_program(path: &Path, prog: &Program) -> (Vec<u8>, Vec<(String, Vec<u8>)>)
         let what;
         if op < 35 {
             let fill = rng.between(1, 255) as u8;
-            let data: Vec<u8> = (0..len)
-                .map(|i| fill.wrapping_add((i / 512) as u8))
-                .collect();
-            img.write_at(&data, off).unwrap();
-            model[off as usize..(off + len) as usize].copy_from_slice(&data);
-            what = format!("write {off:#x}+{len:#x}");
+            what = write_pattern(&img, &mut model, off, len, fill);
         } else if op < 45 {
             let unmap = rng.percent(50);
-            img.write_zeroes(off, len, unmap).unwrap();
-            model[off as usize..(off + len) as usize].fill(0);
-            what = format!("write-zeroes {off:#x}+{len:#x} unmap={unmap}");
+            what = write_zeroes(&img, &mut model, off, len, unmap);
         } else if op < 53 {
-            img.discard(off, len).unwrap();
-            let start = off.div_ceil(cluster) * cluster;
-            let end = if off + len == size {
-                size
-            } else {
-                (off + len) / cluster * cluster
-            };
             // v2 images over a backing file ignore discards, as QEMU does.
-            if !(v2 && backing.is_some()) && start < end {
-                model[start as usize..end as usize].fill(0);
-            }
-            what = format!("discard {off:#x}+{len:#x}");
+            let ignored = v2 && backing.is_some();
+            what = discard(&img, &mut model, off, len, cluster, ignored);
         } else if op < 58 {
             let c = rng.below(size.div_ceil(cluster)) * cluster;
-            let n = cluster.min(size - c);
             let fill = rng.below(256) as u8;
-            let data: Vec<u8> = (0..n)
-                .map(|i| fill.wrapping_add((i / 4096) as u8))
-                .collect();
-            match img.qcow2().expect("qcow2").write_compressed(&data, c) {
-                Ok(()) => model[c as usize..(c + n) as usize].copy_from_slice(&data),
-                Err(e) => assert!(e.to_string().contains("overwrite"), "{e}"),
-            }
-            what = format!("write -c {c:#x}");
+            what = write_compressed(&img, &mut model, c, cluster, fill);
         } else if op < 61 && !v2 && backing.is_none() {
             let new_size = (size / 2 + rng.below(size * 3 / 2)) / 512 * 512 + 512;
             img.resize(new_size, true, oxcow::Preallocation::Off)

@@ -5,23 +5,18 @@
 
 mod common;
 
-use common::model::{assert_reads, open_rw, qemu_check_clean};
-use common::XorShift as Rng;
+use common::model::{
+    assert_reads, discard, open_rw, qemu_check_clean, write_compressed, write_pattern,
+    write_zeroes, Program,
+};
+use common::{qemu_read_raw, XorShift as Rng};
 use oxcow::format::header::CompressionType;
 use oxcow::{create_qcow2, BlockDevice, CreateOptions};
 use std::path::Path;
 use std::process::Command;
 
 fn qemu_reads(path: &Path, model: &[u8]) {
-    let raw = path.with_extension("raw");
-    let st = Command::new("qemu-img")
-        .args(["convert", "-O", "raw"])
-        .arg(path)
-        .arg(&raw)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let got = std::fs::read(&raw).unwrap();
+    let got = qemu_read_raw(path, &path.with_extension("raw"));
     assert_eq!(got.len(), model.len());
     if let Some(at) = got.iter().zip(model).position(|(a, b)| a != b) {
         panic!(
@@ -29,17 +24,6 @@ fn qemu_reads(path: &Path, model: &[u8]) {
             got[at], model[at]
         );
     }
-}
-
-/// A random program to run on one image.
-struct Program<'a> {
-    size: u64,
-    cluster: u64,
-    v2: bool,
-    seed: u64,
-    steps: usize,
-    backing: Option<&'a [u8]>,
-    cache: Option<u64>,
 }
 
 /// Runs a random program; returns the model.
@@ -54,13 +38,7 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
         cache,
     } = *prog;
     let mut rng = Rng(seed | 1);
-    let mut model = backing
-        .map(|b| {
-            let mut m = b.to_vec();
-            m.resize(size as usize, 0);
-            m
-        })
-        .unwrap_or_else(|| vec![0u8; size as usize]);
+    let mut model = prog.initial_model();
     let mut img = open_rw(path, cache);
     let mut size = size;
     for step in 0..steps {
@@ -74,49 +52,18 @@ fn run_program(path: &Path, prog: &Program) -> Vec<u8> {
         let what;
         if op < 55 {
             let fill = (rng.next() & 0xff) as u8 | 1;
-            let data: Vec<u8> = (0..len)
-                .map(|i| fill.wrapping_add((i / 512) as u8))
-                .collect();
-            img.write_at(&data, off).unwrap();
-            model[off as usize..(off + len) as usize].copy_from_slice(&data);
-            what = format!("write {off:#x}+{len:#x}");
+            what = write_pattern(&img, &mut model, off, len, fill);
         } else if op < 72 {
             let unmap = rng.below(2) == 0;
-            img.write_zeroes(off, len, unmap).unwrap();
-            model[off as usize..(off + len) as usize].fill(0);
-            what = format!("write-zeroes {off:#x}+{len:#x} unmap={unmap}");
+            what = write_zeroes(&img, &mut model, off, len, unmap);
         } else if op < 85 {
-            img.discard(off, len).unwrap();
-            // Whole clusters are discarded and read as zeros; but v2 over a backing
-            // file, where they would show the backing file, discards nothing (QEMU).
-            let start = off.div_ceil(cluster) * cluster;
-            let end = if off + len == size {
-                size
-            } else {
-                (off + len) / cluster * cluster
-            };
-            if start < end {
-                for c in (start..end).step_by(cluster as usize) {
-                    let ce = (c + cluster).min(size) as usize;
-                    if !(v2 && backing.is_some()) {
-                        model[c as usize..ce].fill(0);
-                    }
-                }
-            }
-            what = format!("discard {off:#x}+{len:#x}");
+            let ignored = v2 && backing.is_some();
+            what = discard(&img, &mut model, off, len, cluster, ignored);
         } else if op < 90 {
             // A compressed cluster, which only unallocated clusters can take.
             let c = rng.below(size.div_ceil(cluster)) * cluster;
-            let n = cluster.min(size - c);
             let fill = (rng.next() & 0xff) as u8;
-            let data: Vec<u8> = (0..n)
-                .map(|i| fill.wrapping_add((i / 4096) as u8))
-                .collect();
-            match img.qcow2().expect("qcow2").write_compressed(&data, c) {
-                Ok(()) => model[c as usize..(c + n) as usize].copy_from_slice(&data),
-                Err(e) => assert!(e.to_string().contains("overwrite"), "{e}"),
-            }
-            what = format!("write -c {c:#x}");
+            what = write_compressed(&img, &mut model, c, cluster, fill);
         } else if op < 93 && backing.is_none() {
             // Grow or shrink (to any multiple of 512); new space reads as zeros.
             let new_size = (size / 2 + rng.below(size * 3 / 2)) / 512 * 512 + 512;

@@ -6,7 +6,10 @@
 use super::create::{print_opts_help, valid_option_list, OptDesc, OptType, QemuOpts, QCOW2_OPTS};
 use super::resize::warn_probed_raw;
 use crate::common::{self, Ctx};
-use crate::copyopts::{getopt_error, qemu_knows_format, usage_error, valid_cache_mode};
+use crate::copyopts::{
+    cache_mode_ok, image_opts_refusal, next_option, object_unsupported, qemu_knows_format,
+    usage_error,
+};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::engine::amend::AmendOptions;
@@ -126,16 +129,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut a = Args::default();
     let mut g = Getopt::new(args, "ho:f:t:pq", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "o" => {
                 if !valid_option_list(&arg) {
                     ctx.error(format!("Invalid option list: {arg}"));
@@ -152,10 +150,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             "q" => a.quiet = true,
             "image-opts" => a.image_opts = true,
             "force" => {}
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }
@@ -179,14 +174,11 @@ fn amend(ctx: &Ctx, a: &Args, options: &str, operands: &[String], progress: &mut
         return 1;
     };
     let cache = a.cache.as_deref().unwrap_or("writeback");
-    if !valid_cache_mode(cache) {
-        ctx.error(format!("Invalid cache option: {cache}"));
+    if !cache_mode_ok(ctx, "cache", cache) {
         return 1;
     }
     if a.image_opts {
-        ctx.error(format!(
-            "Could not open '{filename}': --image-opts is not supported by oxcow"
-        ));
+        ctx.error(image_opts_refusal(false, filename));
         return 1;
     }
     // Opened read-only to check it and for qemu-img's messages; the library opens it

@@ -26,7 +26,7 @@
 mod direct;
 
 use crate::common::{open_error_message, open_image, Ctx};
-use crate::copyopts::{cvtnum, cvtnum_full, getopt_error, usage_error};
+use crate::copyopts::{cvtnum, cvtnum_full, image_opts_refusal, next_option, usage_error};
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::source::error_reason;
 use oxcow::{BlockDevice, OpenOptions};
@@ -171,17 +171,12 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let int_max = i32::MAX as u64;
     let mut g = Getopt::new(args, "hc:d:f:ni:o:qs:S:t:wU", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
         // Each value is checked as it is met, so the first bad one is reported.
-        let parsed = match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        let parsed = match id.as_str() {
             "f" => {
                 fmt = Some(arg);
                 Some(())
@@ -299,12 +294,7 @@ fn open(
     write: bool,
 ) -> Result<Box<dyn BlockDevice>, String> {
     if image_opts {
-        if fmt.is_some() {
-            return Err("--image-opts and --format are mutually exclusive".into());
-        }
-        return Err(format!(
-            "Could not open '{filename}': --image-opts is not supported by oxcow"
-        ));
+        return Err(image_opts_refusal(fmt.is_some(), filename));
     }
     if force_share && write {
         return Err(format!(

@@ -9,7 +9,7 @@
 
 use crate::cmd::resize::open_writable;
 use crate::common::{self, Ctx};
-use crate::copyopts::getopt_error;
+use crate::copyopts::{next_option, object_unsupported};
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::sizearg::cvtnum;
 use oxcow::{BitmapOptions, Image, OpenOptions};
@@ -100,16 +100,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut image_opts = false;
     let mut g = Getopt::new(args, SHORTS, LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => fmt = Some(arg),
             "b" => src_file = Some(arg),
             "F" => src_fmt = Some(arg),
@@ -121,10 +116,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
                 }
             },
             "image-opts" => image_opts = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             "add" => actions.push(Action::Add),
             "remove" => actions.push(Action::Remove),
             "clear" => actions.push(Action::Clear),

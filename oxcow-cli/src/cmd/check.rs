@@ -8,6 +8,7 @@ use super::info::{
     check_format, open_error, parse_output_format, print_help, report_stop, OutputFormat, Stop,
 };
 use crate::common::Ctx;
+use crate::copyopts::OBJECT_UNSUPPORTED;
 use crate::qjson;
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::{CheckReport, Fix, Image, OpenOptions};
@@ -114,7 +115,7 @@ fn parse_args(ctx: &Ctx, args: &[String]) -> Result<Option<Args>, Stop> {
             "q" => a.quiet = true,
             "U" => a.force_share = true,
             "image-opts" => image_opts = true,
-            "object" => return Err(Stop::Error("--object is not supported by oxcow".into())),
+            "object" => return Err(Stop::Error(OBJECT_UNSUPPORTED.into())),
             _ => {}
         }
     }

@@ -12,7 +12,7 @@
 use crate::cmd::rebase::{chain_of, find_backing_image};
 use crate::cmd::resize::{open_writable, qemu_length};
 use crate::common::{self, Ctx};
-use crate::copyopts::{cvtnum, getopt_error, usage_error, valid_cache_mode};
+use crate::copyopts::{cache_mode_ok, cvtnum, next_option, object_unsupported, usage_error};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::{BlockDevice, Image, OpenOptions, Preallocation};
@@ -90,16 +90,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     };
     let mut g = Getopt::new(args, "f:ht:b:dpqr:", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => o.fmt = Some(arg),
             "t" => o.cache = arg,
             "b" => {
@@ -112,10 +107,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             // The rate is checked; oxcow copies as fast as it can.
             "r" if cvtnum(ctx, "rate limit", &arg, true).is_none() => return 1,
             "image-opts" => o.image_opts = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }
@@ -127,8 +119,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         return usage_error(ctx, CMD, "Expecting one image file name");
     }
     let filename = &files[0];
-    if !valid_cache_mode(&o.cache) {
-        ctx.error(format!("Invalid cache option: {}", o.cache));
+    if !cache_mode_ok(ctx, "cache", &o.cache) {
         return 1;
     }
     let Some(top) = open_writable(ctx, filename, o.fmt.as_deref(), o.image_opts, false) else {

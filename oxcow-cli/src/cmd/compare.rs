@@ -6,7 +6,9 @@
 //! usage error), 2 open errors, 3 block status errors, 4 read errors.
 
 use crate::common::Ctx;
-use crate::copyopts::{getopt_error, usage_error, valid_cache_mode};
+use crate::copyopts::{
+    cache_mode_ok, image_opts_refusal, next_option, object_unsupported, usage_error,
+};
 use crate::pool::{is_zero, run_ordered, worker_count};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
@@ -82,16 +84,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut o = Opts::default();
     let mut g = Getopt::new(args, "hf:F:sT:Upq", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => o.fmt1 = Some(arg),
             "F" => o.fmt2 = Some(arg),
             "image-opts" => o.image_opts = true,
@@ -100,10 +97,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             "U" => {}
             "p" => o.progress = true,
             "q" => o.quiet = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }
@@ -131,13 +125,7 @@ fn say(quiet: bool, msg: &str) {
 
 fn open(ctx: &Ctx, o: &Opts, name: &str, fmt: Option<&str>) -> Option<Source> {
     if o.image_opts {
-        if fmt.is_some() {
-            ctx.error("--image-opts and --format are mutually exclusive");
-        } else {
-            ctx.error(format!(
-                "Could not open '{name}': --image-opts is not supported by oxcow"
-            ));
-        }
+        ctx.error(image_opts_refusal(fmt.is_some(), name));
         return None;
     }
     match Source::open(name, fmt) {
@@ -335,8 +323,7 @@ fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
 
 fn compare(ctx: &Ctx, o: &Opts, name1: &str, name2: &str, progress: &mut Progress) -> u8 {
     if let Some(c) = &o.cache {
-        if !valid_cache_mode(c) {
-            ctx.error(format!("Invalid source cache option: {c}"));
+        if !cache_mode_ok(ctx, "source cache", c) {
             return 2;
         }
     }

@@ -24,7 +24,9 @@
 
 use super::create::{append_descs, QemuOpts, FILE_OPTS, QCOW2_OPTS};
 use crate::common::Ctx;
-use crate::copyopts::{cvtnum, cvtnum_full, getopt_error, qemu_knows_format, valid_cache_mode};
+use crate::copyopts::{
+    cache_mode_ok, cvtnum, cvtnum_full, getopt_error, object_unsupported, qemu_knows_format,
+};
 use crate::pool::{is_zero, run_ordered, worker_count, Buffer};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
@@ -282,10 +284,7 @@ fn parse(ctx: &Ctx, args: &[String]) -> Result<(Opts, Vec<String>), u8> {
             "C" => o.copy_range = true,
             "p" => o.progress = true,
             "q" => o.quiet = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return Err(1);
-            }
+            "object" => return Err(object_unsupported(ctx)),
             _ => {}
         }
     }
@@ -353,8 +352,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         ctx.error("Must specify image file name");
         return 1;
     }
-    if !valid_cache_mode(&o.src_cache) {
-        ctx.error(format!("Invalid source cache option: {}", o.src_cache));
+    if !cache_mode_ok(ctx, "source cache", &o.src_cache) {
         return 1;
     }
     if o.quiet {
@@ -1477,8 +1475,7 @@ fn convert(ctx: &Ctx, o: &Opts, inputs: &[String], out_name: &str, progress: &mu
             return 1;
         }
     }
-    if !valid_cache_mode(&o.cache) {
-        ctx.error(format!("Invalid cache option: {}", o.cache));
+    if !cache_mode_ok(ctx, "cache", &o.cache) {
         return 1;
     }
     if o.skip_create && inputs.iter().any(|i| same_file(i, out_name)) {

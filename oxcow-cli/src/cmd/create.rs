@@ -11,7 +11,9 @@
 //! as QEMU does.
 
 use crate::common::Ctx;
-use crate::copyopts::{cvtnum, getopt_error, qemu_knows_format, usage_error};
+use crate::copyopts::{
+    cvtnum, next_option, object_unsupported, qemu_knows_format, strtou64, usage_error,
+};
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::sizearg::{strtosz, SizeError};
 use oxcow::format::header::CompressionType;
@@ -336,37 +338,6 @@ pub(crate) fn has_help_option(list: &str) -> bool {
     false
 }
 
-/// `qemu_strtou64(s, NULL, 0)`: strtoull with base detection (0x hex, 0 octal),
-/// leading white space, nothing after the digits; a minus sign wraps. `None` when it
-/// does not parse, `Some(Err(()))` on overflow.
-fn strtou64(s: &str) -> Option<Result<u64, ()>> {
-    let t = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
-    let (neg, t) = match t.as_bytes().first() {
-        Some(b'-') => (true, &t[1..]),
-        Some(b'+') => (false, &t[1..]),
-        _ => (false, t),
-    };
-    let hex = (t.starts_with("0x") || t.starts_with("0X"))
-        && t[2..].bytes().next().is_some_and(|b| b.is_ascii_hexdigit());
-    let (radix, digits) = if hex {
-        (16, &t[2..])
-    } else if t.len() > 1 && t.starts_with('0') {
-        (8, &t[1..])
-    } else {
-        (10, t)
-    };
-    if (digits.is_empty() && radix != 8) || !digits.chars().all(|c| c.is_digit(radix)) {
-        return None;
-    }
-    if digits.is_empty() {
-        return Some(Ok(0));
-    }
-    Some(match u64::from_str_radix(digits, radix) {
-        Ok(v) => Ok(if neg { v.wrapping_neg() } else { v }),
-        Err(_) => Err(()),
-    })
-}
-
 /// `qapi_bool_parse`.
 fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
     match value {
@@ -585,16 +556,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut a = Args::default();
     let mut g = Getopt::new(args, "F:b:f:ho:qu", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "F" => a.base_fmt = Some(arg),
             "b" => a.base_filename = Some(arg),
             "f" => a.fmt = Some(arg),
@@ -610,10 +576,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             }
             "q" => a.quiet = true,
             "u" => a.unsafe_backing = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }

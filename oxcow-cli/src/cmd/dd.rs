@@ -6,7 +6,8 @@
 
 use crate::common::{io_reason, Ctx};
 use crate::copyopts::{
-    cvtnum, cvtnum_full, getopt_error, qemu_knows_format, unsupported_output_format,
+    cvtnum, cvtnum_full, image_opts_refusal, next_option, object_unsupported, qemu_knows_format,
+    unsupported_output_format,
 };
 use crate::pool::{run_ordered, worker_count};
 use crate::qopt::{long, Getopt, LongOpt};
@@ -70,24 +71,16 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     let mut image_opts = false;
     let mut g = Getopt::new(args, "hf:O:U", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => fmt = Some(arg),
             "image-opts" => image_opts = true,
             "O" => out_fmt = arg,
             "U" => {}
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }
@@ -135,13 +128,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
         return 1;
     };
     if image_opts {
-        if fmt.is_some() {
-            ctx.error("--image-opts and --format are mutually exclusive");
-        } else {
-            ctx.error(format!(
-                "Could not open '{input}': --image-opts is not supported by oxcow"
-            ));
-        }
+        ctx.error(image_opts_refusal(fmt.is_some(), &input));
         return 1;
     }
     let src = match Source::open(&input, fmt.as_deref()) {

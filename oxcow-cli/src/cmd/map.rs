@@ -7,6 +7,7 @@ use super::info::{
     check_format, open_error, parse_output_format, print_help, report_stop, OutputFormat, Stop,
 };
 use crate::common::Ctx;
+use crate::copyopts::OBJECT_UNSUPPORTED;
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::sizearg::cvtnum;
 use oxcow::{BlockDevice, Image, OpenOptions};
@@ -226,7 +227,7 @@ fn parse_args(ctx: &Ctx, args: &[String]) -> Result<Option<Args>, Stop> {
             "l" => max_length = Some(cvtnum("max length", arg).map_err(Stop::Error)?),
             "U" => {}
             "output" => output = parse_output_format(arg)?,
-            "object" => return Err(Stop::Error("--object is not supported by oxcow".into())),
+            "object" => return Err(Stop::Error(OBJECT_UNSUPPORTED.into())),
             _ => {}
         }
     }

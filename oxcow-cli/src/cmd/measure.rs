@@ -7,7 +7,7 @@
 use super::create::{append_descs, valid_option_list, QemuOpts, FILE_OPTS, QCOW2_OPTS, RAW_OPTS};
 use super::info::{parse_output_format, print_help, report_stop, OutputFormat, Stop};
 use crate::common::Ctx;
-use crate::copyopts::qemu_knows_format;
+use crate::copyopts::{qemu_knows_format, OBJECT_UNSUPPORTED};
 use crate::qjson;
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::sizearg::cvtnum;
@@ -116,7 +116,7 @@ fn parse_args(ctx: &Ctx, args: &[String]) -> Result<Option<Args>, Stop> {
             }
             "U" => {}
             "image-opts" => a.image_opts = true,
-            "object" => return Err(Stop::Error("--object is not supported by oxcow".into())),
+            "object" => return Err(Stop::Error(OBJECT_UNSUPPORTED.into())),
             "output" => a.output = Some(parse_output_format(&arg)?),
             "size" => a.size = Some(cvtnum("image size", &arg).map_err(Stop::Error)?),
             _ => {}

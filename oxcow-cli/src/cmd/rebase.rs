@@ -12,7 +12,9 @@
 
 use crate::cmd::resize::{open_writable, qemu_length};
 use crate::common::{self, Ctx};
-use crate::copyopts::{getopt_error, qemu_knows_format, usage_error, valid_cache_mode};
+use crate::copyopts::{
+    cache_mode_ok, next_option, object_unsupported, qemu_knows_format, usage_error,
+};
 use crate::progress::Progress;
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::image::{combine_paths, local_path};
@@ -215,16 +217,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
     };
     let mut g = Getopt::new(args, "hf:F:b:upt:T:qUc", LONGS);
     while let Some(item) = g.next_opt() {
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => o.fmt = Some(arg),
             "F" => o.base_fmt = Some(arg),
             "b" => o.base = Some(arg),
@@ -236,10 +233,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             "U" => {}
             "c" => o.compress = true,
             "image-opts" => o.image_opts = true,
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }
@@ -265,12 +259,10 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
 }
 
 fn rebase(ctx: &Ctx, o: &Opts, filename: &str, progress: &mut Progress) -> u8 {
-    if !valid_cache_mode(&o.cache) {
-        ctx.error(format!("Invalid cache option: {}", o.cache));
+    if !cache_mode_ok(ctx, "cache", &o.cache) {
         return 1;
     }
-    if !valid_cache_mode(&o.src_cache) {
-        ctx.error(format!("Invalid source cache option: {}", o.src_cache));
+    if !cache_mode_ok(ctx, "source cache", &o.src_cache) {
         return 1;
     }
     let Some(img) = open_writable(ctx, filename, o.fmt.as_deref(), o.image_opts, o.unsafe_mode)

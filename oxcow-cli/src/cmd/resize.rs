@@ -7,7 +7,7 @@
 
 use crate::cmd::create::{OptDesc, OptType, QemuOpts};
 use crate::common::{self, Ctx};
-use crate::copyopts::{getopt_error, usage_error};
+use crate::copyopts::{image_opts_refusal, next_option, object_unsupported, usage_error};
 use crate::qopt::{long, Getopt, LongOpt};
 use oxcow::{BlockDevice, Format, Image, OpenOptions, Preallocation};
 
@@ -86,13 +86,7 @@ pub(crate) fn open_writable(
     no_backing: bool,
 ) -> Option<Image> {
     if image_opts {
-        if fmt.is_some() {
-            ctx.error("--image-opts and --format are mutually exclusive");
-        } else {
-            ctx.error(format!(
-                "Could not open '{filename}': --image-opts is not supported by oxcow"
-            ));
-        }
+        ctx.error(image_opts_refusal(fmt.is_some(), filename));
         return None;
     }
     // Opened for writing, a directory fails in open(2) itself.
@@ -203,16 +197,11 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
             return usage_error(ctx, CMD, "Extra argument(s) in command line");
         }
         let Some(item) = item else { break };
-        let opt = match item {
-            Ok(opt) => opt,
-            Err(msg) => return getopt_error(ctx, CMD, &msg),
+        let (id, arg) = match next_option(ctx, CMD, HELP, item) {
+            Ok(o) => o,
+            Err(code) => return code,
         };
-        let arg = opt.arg.unwrap_or_default();
-        match opt.id.as_str() {
-            "h" => {
-                print!("{}", HELP.replace("PROG", &ctx.prog));
-                return 0;
-            }
+        match id.as_str() {
             "f" => o.fmt = Some(arg),
             "q" => o.quiet = true,
             "image-opts" => o.image_opts = true,
@@ -226,10 +215,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
                     }
                 }
             }
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             _ => {}
         }
     }

@@ -9,7 +9,7 @@
 
 use crate::cmd::resize::{open_writable, warn_probed_raw};
 use crate::common::{self, Ctx};
-use crate::copyopts::{getopt_error, usage_error};
+use crate::copyopts::{getopt_error, image_opts_refusal, object_unsupported, usage_error};
 use crate::qopt::{long, Getopt, LongOpt};
 use crate::snaptable::{snapshot_header, snapshot_row};
 use oxcow::{Format, Image, OpenOptions};
@@ -106,10 +106,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
                 image_opts = true;
                 None
             }
-            "object" => {
-                ctx.error("--object is not supported by oxcow");
-                return 1;
-            }
+            "object" => return object_unsupported(ctx),
             "l" => Some(Action::List),
             "a" => Some(Action::Apply(name)),
             "c" => Some(Action::Create(name)),
@@ -145,13 +142,7 @@ pub fn run(ctx: &Ctx, args: &[String]) -> u8 {
 
 fn list(ctx: &Ctx, filename: &str, fmt: Option<&str>, image_opts: bool) -> u8 {
     if image_opts {
-        if fmt.is_some() {
-            ctx.error("--image-opts and --format are mutually exclusive");
-        } else {
-            ctx.error(format!(
-                "Could not open '{filename}': --image-opts is not supported by oxcow"
-            ));
-        }
+        ctx.error(image_opts_refusal(fmt.is_some(), filename));
         return 1;
     }
     let img = match common::open_image(filename, fmt, &OpenOptions::default()) {

@@ -217,4 +217,23 @@ impl Scratch {
         let o = self.run(Path::new("qemu-io"), &args);
         assert!(o.status.success(), "qemu-io {args:?}: {o:?}");
     }
+
+    /// Runs the same command line through qemu-img and oxcow: same exit code, stdout
+    /// and stderr. Returns oxcow's output.
+    pub fn same_as_qemu_img(&self, args: &[&str]) -> Output {
+        let q = self.qemu(args);
+        let x = self.oxcow(args);
+        assert_eq!(
+            String::from_utf8_lossy(&x.stderr),
+            String::from_utf8_lossy(&q.stderr),
+            "stderr of {args:?}"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&x.stdout),
+            String::from_utf8_lossy(&q.stdout),
+            "stdout of {args:?}"
+        );
+        assert_eq!(x.status.code(), q.status.code(), "exit code of {args:?}");
+        x
+    }
 }

@@ -3,6 +3,7 @@
 //! "data": false), the bitmap list of `qemu-img info`, and guest operations applied
 //! alike through qemu-io and oxcow.
 
+use super::qemu_check_json;
 use super::{parse_map, qemu_img, run, Rng};
 use oxcow::{BlockDevice, Image};
 use std::collections::HashSet;
@@ -92,11 +93,7 @@ pub fn qemu_bitmap_list(path: &Path) -> Vec<(String, u64, Vec<String>)> {
 
 /// `qemu-img check` passes with no corruption and no leak.
 pub fn assert_check_clean(path: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -2,12 +2,12 @@
 //! opening an engine on in-memory storage, replaying a recorded log (with a torn
 //! write), and asking qemu-img check about a crash state.
 
+use super::qemu_check_json;
 use oxcow::engine::meta::ImageMeta;
 use oxcow::engine::{EngineOptions, Qcow2};
 use oxcow::storage::{MemoryStorage, Op, RecordingStorage, Storage};
 use oxcow::{BlockDevice, RawImage};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 
 /// Opens the qcow2 image in `storage` with an L2 cache of `cache` bytes and, when
@@ -61,11 +61,7 @@ pub fn replay(
 
 /// `qemu-img check --output=json PATH`: its exit code, and stdout then stderr.
 pub fn qemu_check(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json"])
-        .arg(path)
-        .output()
-        .unwrap();
+    let out = qemu_check_json(path);
     (
         out.status.code(),
         format!(

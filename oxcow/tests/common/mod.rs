@@ -411,6 +411,28 @@ fn data_src(rng: &mut Rng, patterns: &[String]) -> String {
 // What QEMU says an image holds.
 // ---------------------------------------------------------------------------------
 
+/// `qemu-img check --output=json PATH`, whatever it answers.
+pub fn qemu_check_json(path: &Path) -> std::process::Output {
+    Command::new("qemu-img")
+        .args(["check", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap()
+}
+
+/// `qemu-img convert -O raw PATH RAW`, which must succeed: the guest bytes as
+/// qemu-img reads them (RAW stays next to the image).
+pub fn qemu_read_raw(path: &Path, raw: &Path) -> Vec<u8> {
+    assert!(Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(path)
+        .arg(raw)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::read(raw).unwrap()
+}
+
 /// `qemu-img convert -O raw` of `name` (in `dir`), read back whole.
 pub fn qemu_raw(dir: &Path, name: &str) -> Vec<u8> {
     let out = qemu_raw_file(dir, name);
