@@ -632,12 +632,6 @@ fn repair_of_damaged_images() {
             // Damage to table entries (reserved bits, misaligned offsets, references
             // past the end of the file) is reported, not repaired, by either tool:
             // what `-r all` must leave right is every refcount and COPIED flag.
-            // Open (found here, not fixed): when the repair drops extra data or
-            // entries of a damaged snapshot table whose old extent covers live
-            // clusters, COPIED flags are set from refcounts that still count that
-            // extent, and freeing the old table then leaves them wrong (qemu-img's
-            // -r all ends clean; e.g. OXCOW_FUZZ_ONLY=2000252). Waived until fixed.
-            let snap_table_dropped = report.messages.iter().any(|m| m.starts_with("Discarding"));
             let unrepaired: Vec<&String> = again
                 .messages
                 .iter()
@@ -649,9 +643,7 @@ fn repair_of_damaged_images() {
                 })
                 .collect();
             if again.failure.is_some()
-                || ((!unrepaired.is_empty() || again.leaks > 0)
-                    && !snap_l1_garbage
-                    && !snap_table_dropped)
+                || ((!unrepaired.is_empty() || again.leaks > 0) && !snap_l1_garbage)
             {
                 return Err(format!("after -r all: {again:?}\nrepair said: {report:?}"));
             }

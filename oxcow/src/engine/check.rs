@@ -249,8 +249,10 @@ impl Qcow2 {
             }
             res.messages = std::mem::take(&mut snap.messages);
         }
+        // How many clusters the refcount check covered (for the COPIED re-check).
+        let mut counted = 0;
         match self.check_locked(st.as_deref_mut(), fix, &mut res) {
-            Ok(()) => {}
+            Ok(n) => counted = n,
             Err(e) => {
                 res.check_errors += 1;
                 res.failure = Some(reason(&e));
@@ -265,12 +267,22 @@ impl Qcow2 {
                         snap.corruptions = 0;
                         // As QEMU's qcow2_free_clusters: a failure leaks, no more.
                         if let Some((offset, len)) = old {
-                            if let Err(e) = self.free_old_snapshot_table(st, offset, len) {
-                                let why = match &e {
-                                    Error::Io(io) => crate::error::strerror(io),
-                                    _ => "Invalid argument".to_string(),
-                                };
-                                res.msg(format!("qcow2_free_clusters failed: {why}"));
+                            match self.free_old_snapshot_table(st, offset, len) {
+                                Ok(()) => {
+                                    if let Err(e) = self.recheck_copied_after_free(
+                                        st, &mut res, offset, len, counted,
+                                    ) {
+                                        res.check_errors += 1;
+                                        res.failure = Some(reason(&e));
+                                    }
+                                }
+                                Err(e) => {
+                                    let why = match &e {
+                                        Error::Io(io) => crate::error::strerror(io),
+                                        _ => "Invalid argument".to_string(),
+                                    };
+                                    res.msg(format!("qcow2_free_clusters failed: {why}"));
+                                }
                             }
                         }
                     }
@@ -459,13 +471,44 @@ impl Qcow2 {
         )
     }
 
-    /// QEMU's qcow2_check_refcounts, then the COPIED flags.
+    /// The COPIED flags were set from refcounts that counted the old snapshot
+    /// table; a damaged table's extent can cover live clusters (data or L2 tables
+    /// it overlaps), whose refcount freeing it just lowered, maybe to 1. Those
+    /// flags are checked (and repaired) again against the refcounts now on disk.
+    /// QEMU's own repair stops at that point (its overlap check refuses the COPIED
+    /// write into the table it is about to free), so this pass is oxcow's own.
+    fn recheck_copied_after_free(
+        &self,
+        st: &mut WriteState,
+        res: &mut CheckReport,
+        offset: u64,
+        len: u64,
+        counted: u64,
+    ) -> Result<()> {
+        let cs = self.cluster_size();
+        let clusters = counted.max(self.storage.len()?.div_ceil(cs));
+        let disk = self.disk_refcounts(&self.reftable(Some(st))?, clusters)?;
+        let (first, end) = (offset / cs, offset.saturating_add(len).div_ceil(cs));
+        if !(first..end).any(|c| disk.get(c).is_some_and(|rc| rc > 0)) {
+            return Ok(());
+        }
+        let mut again = CheckReport::default();
+        let r = self.check_oflag_copied(Some(st), &mut again, Fix::All, &disk);
+        res.messages.append(&mut again.messages);
+        res.corruptions += again.corruptions;
+        res.corruptions_fixed += again.corruptions_fixed;
+        res.check_errors += again.check_errors;
+        r
+    }
+
+    /// QEMU's qcow2_check_refcounts, then the COPIED flags. Returns how many
+    /// clusters the refcounts were compared for.
     fn check_locked(
         &self,
         mut st: Option<&mut WriteState>,
         fix: Fix,
         res: &mut CheckReport,
-    ) -> Result<()> {
+    ) -> Result<u64> {
         let cs = self.cluster_size();
         res.total_clusters = self.size().div_ceil(cs);
         let (mut imrt, mut rebuild, reftable) = self.count(res, fix, st.as_deref())?;
@@ -524,7 +567,7 @@ impl Qcow2 {
                 res.msg("ERROR need to rebuild refcount structures");
                 res.check_errors += 1;
                 res.failure = Some("Input/output error".into());
-                return Ok(());
+                return Ok(imrt.len());
             }
             if res.leaks != 0 || res.corruptions != 0 {
                 res.restore_counters(&pre_compare);
@@ -535,7 +578,7 @@ impl Qcow2 {
 
         self.check_oflag_copied(st, res, fix, &disk)?;
         res.image_end_offset = (highest + 1) * cs;
-        Ok(())
+        Ok(imrt.len())
     }
 
     /// QEMU's compare_refcounts: every cluster's refcount against its references.
