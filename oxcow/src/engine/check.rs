@@ -72,9 +72,20 @@ pub struct CheckReport {
     pub messages: Vec<String>,
 }
 
+/// The most lines a report keeps: a damaged table can make every entry of every
+/// L2 table it reaches an error, millions of lines a report would otherwise hold
+/// in memory (qemu-img prints them as it goes).
+pub const MAX_MESSAGES: usize = 100_000;
+
 impl CheckReport {
     pub(crate) fn msg(&mut self, m: impl Into<String>) {
-        self.messages.push(m.into());
+        match self.messages.len() {
+            n if n < MAX_MESSAGES => self.messages.push(m.into()),
+            MAX_MESSAGES => self
+                .messages
+                .push("(further messages not kept: too many problems to list)".into()),
+            _ => {}
+        }
     }
 
     /// A line qemu-img prints through error_report (after the program's name).

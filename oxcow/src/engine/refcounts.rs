@@ -126,6 +126,14 @@ impl Refcounts {
                     offset,
                 ));
             }
+            // A block past the end of the file holds no refcounts: writing there
+            // would grow the file to wherever a damaged table entry points.
+            if offset >= io.len()? {
+                return Err(Error::corrupt(
+                    format!("Refblock offset {offset:#x} is past the end of the file"),
+                    offset,
+                ));
+            }
             let mut data = vec![0u8; self.cluster_size() as usize];
             io.read_at(&mut data, offset)?;
             self.blocks.insert(offset, Block { data, dirty: false });

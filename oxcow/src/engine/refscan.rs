@@ -396,7 +396,11 @@ impl<'a> Scan<'a> {
                                 "ERROR offset={offset:x}: Data cluster is not properly aligned; L2 entry corrupted."
                             ));
                         } else {
-                            let fix = self.fix.errors();
+                            // Only the active tables are rewritten (QEMU rewrites
+                            // snapshot tables too): a damaged snapshot L1 entry can make
+                            // any cluster, guest data included, look like an L2 table,
+                            // and rewriting it would destroy what it really holds.
+                            let fix = self.fix.errors() && active;
                             res.msg(format!(
                                 "{} offset={offset:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.",
                                 if fix { "Repairing" } else { "ERROR" }
@@ -460,22 +464,26 @@ impl<'a> Scan<'a> {
         }
         let cs = self.cluster_size();
         self.imrt.inc(res, ext.directory_offset, ext.directory_size);
+        // A bad table is counted as a corruption and skipped: the bitmaps after it
+        // are still counted, or their clusters would look leaked and a leak
+        // repair would free them while they are in use.
         for b in entries {
             self.imrt.inc(res, b.table_offset, b.table_size as u64 * 8);
             if !b.table_offset.is_multiple_of(cs) {
                 res.corruptions += 1;
-                return Ok(());
+                continue;
             }
-            // A table past the end of the file is not read (nor allocated for).
+            // A table past the end of the file is not read (nor allocated for):
+            // QEMU reads zeros there, entries that reference nothing.
             let bytes = b.table_size as u64 * 8;
             if b.table_offset.saturating_add(bytes) > self.imrt.file_len.saturating_add(cs) {
                 res.corruptions += 1;
-                return Ok(());
+                continue;
             }
             let mut raw = vec![0u8; bytes as usize];
             if read_padded(self.io(), &mut raw, b.table_offset).is_err() {
                 res.corruptions += 1;
-                return Ok(());
+                continue;
             }
             for e in u64_table(&raw) {
                 let off = e & OFFSET_MASK;

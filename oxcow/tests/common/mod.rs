@@ -850,7 +850,7 @@ pub fn sync_dir(dir: &Path) {
 }
 
 /// Whether OXCOW_TEST_KEEP is set (to anything but the empty string).
-fn keep_dirs() -> bool {
+pub fn keep_dirs() -> bool {
     std::env::var_os("OXCOW_TEST_KEEP").is_some_and(|v| !v.is_empty())
 }
 
