@@ -24,7 +24,9 @@ mod support;
 
 use serde_json::Value;
 use std::path::Path;
-use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup, C_LOCALE};
+use support::{
+    assert_same_output, have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup, C_LOCALE,
+};
 
 impl Dir {
     fn new() -> Dir {
@@ -395,9 +397,7 @@ fn refusals_and_help() {
     ] {
         let q = d.qemu(args);
         let o = d.run(&d.ox, args);
-        assert_eq!(text(&o.stdout), text(&q.stdout), "stdout of {args:?}");
-        assert_eq!(text(&o.stderr), text(&q.stderr), "stderr of {args:?}");
-        assert_eq!(o.status.code(), q.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &o, &q);
     }
     for o in [
         "cluster_size=4k",

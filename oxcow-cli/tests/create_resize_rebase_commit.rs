@@ -13,7 +13,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use support::{have_qemu, oxcow_link, run, text};
+use support::{assert_same_output, have_qemu, oxcow_link, run, text};
 
 /// How the images written by a command are compared.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,9 +82,7 @@ impl Fixture {
         let (q, x) = self.copies();
         let qo = run(Path::new("qemu-img"), &q, args);
         let xo = run(&self.ox, &x, args);
-        assert_eq!(text(&xo.stderr), text(&qo.stderr), "stderr of {args:?}");
-        assert_eq!(text(&xo.stdout), text(&qo.stdout), "stdout of {args:?}");
-        assert_eq!(xo.status.code(), qo.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &xo, &qo);
         for f in files {
             let (qf, xf) = (q.join(f), x.join(f));
             assert_eq!(qf.exists(), xf.exists(), "{f} exists after {args:?}");
@@ -1589,9 +1587,7 @@ fn command_sequence_matches_qemu_img() {
         }
         let qo = run(Path::new("qemu-img"), &q, args);
         let xo = run(&f.ox, &x, args);
-        assert_eq!(text(&xo.stderr), text(&qo.stderr), "stderr of {args:?}");
-        assert_eq!(text(&xo.stdout), text(&qo.stdout), "stdout of {args:?}");
-        assert_eq!(xo.status.code(), qo.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &xo, &qo);
         for img in ["base.qcow2", "top.qcow2", "new.qcow2"] {
             if q.join(img).exists() {
                 same_image(&q, &x, img, &format!("{img} after {args:?}"));

@@ -17,7 +17,7 @@ mod support;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
-use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup};
+use support::{assert_same_output, have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup};
 
 /// The tools run with UTC dates and the C locale.
 const TOOL_ENV: &[(&str, &str)] = &[("TZ", "UTC"), ("LC_ALL", "C")];
@@ -49,9 +49,7 @@ impl Dir {
                 .unwrap_or_else(|e| panic!("oxcow {args:?}: not JSON ({e}):\n{os}"));
             assert_json_eq(args, &qv, &ov);
         }
-        assert_eq!(os, qs, "stdout of {args:?}");
-        assert_eq!(text(&o.stderr), text(&q.stderr), "stderr of {args:?}");
-        assert_eq!(o.status.code(), q.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &o, &q);
         qs
     }
 

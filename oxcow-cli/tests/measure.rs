@@ -10,7 +10,7 @@ mod support;
 
 use std::path::Path;
 use std::process::Output;
-use support::{have_qemu_and_io as have_qemu, text, Scratch as Dir, Setup, C_LOCALE};
+use support::{assert_same_output, have_qemu_and_io as have_qemu, Scratch as Dir, Setup, C_LOCALE};
 
 impl Dir {
     fn new() -> Dir {
@@ -27,9 +27,7 @@ impl Dir {
     fn same(&self, args: &[&str]) -> Output {
         let q = self.run(Path::new("qemu-img"), args);
         let o = self.run(&self.ox, args);
-        assert_eq!(text(&o.stdout), text(&q.stdout), "stdout of {args:?}");
-        assert_eq!(text(&o.stderr), text(&q.stderr), "stderr of {args:?}");
-        assert_eq!(o.status.code(), q.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &o, &q);
         q
     }
 

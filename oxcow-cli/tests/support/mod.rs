@@ -37,6 +37,18 @@ pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// oxcow's output `ours` is qemu's `qemu`: same stdout, stderr and exit code (the
+/// messages name `what`).
+pub fn assert_same_output(what: &str, ours: &Output, qemu: &Output) {
+    assert_eq!(text(&ours.stdout), text(&qemu.stdout), "stdout of {what}");
+    assert_eq!(text(&ours.stderr), text(&qemu.stderr), "stderr of {what}");
+    assert_eq!(
+        ours.status.code(),
+        qemu.status.code(),
+        "exit code of {what}"
+    );
+}
+
 /// Runs `prog ARGS` in `dir` with `env` added; with `stdin`, that text is fed through
 /// a pipe (which is then closed), otherwise standard input is closed.
 pub fn run_in(
@@ -223,17 +235,7 @@ impl Scratch {
     pub fn same_as_qemu_img(&self, args: &[&str]) -> Output {
         let q = self.qemu(args);
         let x = self.oxcow(args);
-        assert_eq!(
-            String::from_utf8_lossy(&x.stderr),
-            String::from_utf8_lossy(&q.stderr),
-            "stderr of {args:?}"
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&x.stdout),
-            String::from_utf8_lossy(&q.stdout),
-            "stdout of {args:?}"
-        );
-        assert_eq!(x.status.code(), q.status.code(), "exit code of {args:?}");
+        assert_same_output(&format!("{args:?}"), &x, &q);
         x
     }
 }
