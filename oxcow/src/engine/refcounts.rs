@@ -343,7 +343,15 @@ impl Refcounts {
                 let index = cur >> self.cluster_bits;
                 let t = index >> self.block_bits();
                 if t != last_table_index {
-                    match self.block_for(io, index) {
+                    // Dropping a reference never places a refcount block: a cluster
+                    // without one has no reference to drop (a damaged pointer, maybe
+                    // far past the end of the file), and the caller reports it.
+                    let found = if decrease {
+                        self.existing_block(index).ok_or(Stop::Again)
+                    } else {
+                        self.block_for(io, index)
+                    };
+                    match found {
                         Ok(b) => block_off = Some(b),
                         Err(Stop::Again) => {
                             if self.free_cluster_index > start >> self.cluster_bits {
@@ -391,15 +399,19 @@ impl Refcounts {
         result
     }
 
+    /// The offset of the refcount block covering host cluster `index`, if it has one.
+    fn existing_block(&self, index: u64) -> Option<u64> {
+        let t = usize::try_from(index >> self.block_bits()).ok()?;
+        let off = self.table.get(t)? & REFTABLE_OFFSET_MASK;
+        (off != 0).then_some(off)
+    }
+
     /// The offset of the refcount block covering host cluster `index`, allocating it
     /// (and growing the refcount table) when there is none.
     fn block_for(&mut self, io: &dyn Storage, index: u64) -> StopResult<u64> {
         let t = (index >> self.block_bits()) as usize;
-        if let Some(&e) = self.table.get(t) {
-            let off = e & REFTABLE_OFFSET_MASK;
-            if off != 0 {
-                return Ok(off);
-            }
+        if let Some(off) = self.existing_block(index) {
+            return Ok(off);
         }
         let cs = self.cluster_size();
         let new_block = self.find_free(io, 1)?;
@@ -588,3 +600,51 @@ pub fn metadata_size(clusters: u64, cluster_bits: u32, order: u32, generous: boo
 
 // The L1/L2 offset mask and the refcount table mask differ only above bit 55.
 const _: () = assert!(OFFSET_MASK & REFTABLE_OFFSET_MASK == OFFSET_MASK);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    /// 512-byte clusters, 16-bit refcounts: header cluster, refcount table (64
+    /// entries, 8 MiB described) at cluster 1, its only block at cluster 2, four
+    /// clusters in use.
+    fn small_image() -> (MemoryStorage, Refcounts) {
+        let mut bytes = vec![0u8; 4 * 512];
+        put_u64(&mut bytes, 512, 1024);
+        for c in 0..4 {
+            bytes[1024 + c * 2 + 1] = 1;
+        }
+        let io = MemoryStorage::from_vec(bytes);
+        let rc = Refcounts::load(&io, 9, 4, 512, 1).unwrap();
+        (io, rc)
+    }
+
+    #[test]
+    fn freeing_a_cluster_without_refcount_block_allocates_nothing() {
+        // Inside what the table describes (entry missing), and far past it (the
+        // table would have to grow): both are a damaged reference, not a reason to
+        // place refcount structures.
+        for offset in [1 << 20, 16 << 20] {
+            let (io, mut rc) = small_image();
+            let before = io.to_vec();
+            let err = rc.free(&io, offset, 512).unwrap_err();
+            assert!(
+                matches!(err, Error::Corrupt { .. }),
+                "freeing {offset:#x}: {err:?}"
+            );
+            assert_eq!(io.to_vec(), before, "freeing {offset:#x} changed the file");
+            assert_eq!(rc.table().iter().filter(|&&e| e != 0).count(), 1);
+            // The allocator still works and places the next cluster right after.
+            assert_eq!(rc.alloc(&io, 512).unwrap(), 4 * 512);
+        }
+    }
+
+    #[test]
+    fn freeing_a_described_cluster_drops_its_reference() {
+        let (io, mut rc) = small_image();
+        rc.free(&io, 3 * 512, 512).unwrap();
+        assert_eq!(rc.get(&io, 3).unwrap(), 0);
+        assert_eq!(rc.get(&io, 2).unwrap(), 1);
+    }
+}
