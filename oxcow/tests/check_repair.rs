@@ -626,7 +626,11 @@ fn refcount_block_far_past_eof_is_rebuilt_not_grown_to() {
         "{msgs:?}"
     );
     assert!(msgs.iter().any(|m| m == "Rebuilding refcount structure"));
-    assert_eq!((r.corruptions, r.leaks, r.check_errors), (0, 0, 0), "{msgs:?}");
+    assert_eq!(
+        (r.corruptions, r.leaks, r.check_errors),
+        (0, 0, 0),
+        "{msgs:?}"
+    );
     assert_eq!(qemu_check(dir, "f.qcow2", Fix::None).code, 0);
     assert_eq!(try_raw(dir, "f.qcow2"), before);
 }

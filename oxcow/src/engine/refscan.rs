@@ -547,9 +547,7 @@ impl<'a> Scan<'a> {
                 // Make the file long enough to hold the block; the block then reads as
                 // zeros, which the comparison finds and a rebuild repairs. (Not by
                 // more than MAX_GROWTH clusters: the counts grow with the file.)
-                let new_len = offset
-                    .checked_add(cs)
-                    .filter(|l| l >> bits <= max_clusters);
+                let new_len = offset.checked_add(cs).filter(|l| l >> bits <= max_clusters);
                 let grown = if offset > i64::MAX as u64 - cs {
                     Err(std::io::Error::from_raw_os_error(libc::EINVAL))
                 } else {
