@@ -24,8 +24,13 @@ pub(crate) const REFTABLE_RESERVED: u64 = 0x1ff;
 /// Reserved bits of a bitmap table entry, and its "all ones" flag.
 const BITMAP_ENTRY_RESERVED: u64 = 0xff00_0000_0000_01fe;
 const BITMAP_ENTRY_ALL_ONES: u64 = 1;
-/// The most clusters a repair extends the file by (for a refcount block past its end).
-const MAX_GROWTH: u64 = 1 << 26;
+/// The most clusters a repair extends the file by, in all (for refcount blocks past
+/// its end). Every cluster of the file costs the check about 12 bytes of counts (24
+/// while a rebuild counts again), so this keeps a damaged refcount table entry from
+/// costing gigabytes of memory; QEMU has no such bound (its array grows until an
+/// allocation fails). Past it the entry is reported ("could not resize image") and
+/// the refcount structure rebuilt without it.
+const MAX_GROWTH: u64 = 1 << 20;
 /// The most L2 table bytes read at once.
 const L2_BATCH_BYTES: u64 = 8 << 20;
 
@@ -507,6 +512,9 @@ impl<'a> Scan<'a> {
     fn check_refblocks(&mut self, res: &mut CheckReport, reftable: &RefTable) -> Result<()> {
         let cs = self.cluster_size();
         let bits = self.q.meta.header.cluster_bits;
+        // The bound is from the file's length before any growth, so that many
+        // entries each a little further on cannot add up past it.
+        let max_clusters = self.imrt.len() + MAX_GROWTH;
         for (i, &e) in reftable.entries.iter().enumerate() {
             let offset = e & super::refcounts::REFTABLE_OFFSET_MASK;
             let cluster = offset >> bits;
@@ -539,9 +547,7 @@ impl<'a> Scan<'a> {
                 // Make the file long enough to hold the block; the block then reads as
                 // zeros, which the comparison finds and a rebuild repairs. (Not by
                 // more than MAX_GROWTH clusters: the counts grow with the file.)
-                let new_len = offset
-                    .checked_add(cs)
-                    .filter(|l| l >> bits <= self.imrt.len() + MAX_GROWTH);
+                let new_len = offset.checked_add(cs).filter(|l| l >> bits <= max_clusters);
                 let grown = if offset > i64::MAX as u64 - cs {
                     Err(std::io::Error::from_raw_os_error(libc::EINVAL))
                 } else {
