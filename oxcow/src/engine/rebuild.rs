@@ -7,17 +7,13 @@
 //! changes. Blocks are written as they are placed; the table last, then the header
 //! points at it. The old structures become leaks, which the check frees right after.
 
-use super::refcounts::Refcounts;
+use super::refcounts::{write_table_and_switch, Refcounts};
 use super::refscan::Imrt;
 use super::writestate::WriteState;
 use super::Qcow2;
 use crate::error::{Error, Result};
-use crate::format::be::{put_u32, put_u64};
 use crate::format::{refcount, MAX_REFTABLE_BYTES};
 use crate::storage::Storage;
-
-/// Where the refcount table's offset and cluster count sit in the header.
-const HEADER_REFTABLE_FIELDS: u64 = 48;
 
 /// Takes `count` free clusters in a row from the counts, searching from
 /// `*first_free` (which moves to the first free cluster seen); past the end of the
@@ -155,17 +151,13 @@ impl Qcow2 {
             }
         };
 
-        let mut raw = vec![0u8; (table_clusters * cs) as usize];
-        for (i, e) in table.iter().enumerate() {
-            put_u64(&mut raw, i * 8, *e);
-        }
-        io.write_at(&raw, table_offset)?;
-        io.flush()?;
-        let mut fields = [0u8; 12];
-        put_u64(&mut fields, 0, table_offset);
-        put_u32(&mut fields, 8, table_clusters as u32);
-        io.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
-        io.flush()?;
+        write_table_and_switch(
+            io,
+            &table,
+            (table_clusters * cs) as usize,
+            table_offset,
+            table_clusters as u32,
+        )?;
         let end = imrt.len() * cs;
         self.note_file_len(end);
         imrt.file_len = imrt.file_len.max(io.len()?);

@@ -549,17 +549,13 @@ impl Refcounts {
             }
         }
         self.flush_blocks(io)?;
-        let mut raw = vec![0u8; table_size as usize * 8];
-        for (i, e) in new_table.iter().enumerate() {
-            put_u64(&mut raw, i * 8, *e);
-        }
-        io.write_at(&raw, table_offset)?;
-        io.flush()?;
-        let mut fields = [0u8; 12];
-        put_u64(&mut fields, 0, table_offset);
-        put_u32(&mut fields, 8, table_clusters as u32);
-        io.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
-        io.flush()?;
+        write_table_and_switch(
+            io,
+            &new_table,
+            table_size as usize * 8,
+            table_offset,
+            table_clusters as u32,
+        )?;
 
         let old_offset = self.table_offset;
         let old_bytes = self.table.len() as u64 * 8;
@@ -568,6 +564,30 @@ impl Refcounts {
         self.free(io, old_offset, old_bytes)?;
         Ok(end)
     }
+}
+
+/// Writes a refcount table of `bytes` bytes (the entries, then zeros) at `offset` and
+/// syncs it, then points the header at it (offset and cluster count, one write) and
+/// syncs again: the table is durable before anything refers to it.
+pub(crate) fn write_table_and_switch(
+    io: &dyn Storage,
+    entries: &[u64],
+    bytes: usize,
+    offset: u64,
+    clusters: u32,
+) -> Result<()> {
+    let mut raw = vec![0u8; bytes.max(entries.len() * 8)];
+    for (i, e) in entries.iter().enumerate() {
+        put_u64(&mut raw, i * 8, *e);
+    }
+    io.write_at(&raw, offset)?;
+    io.flush()?;
+    let mut fields = [0u8; 12];
+    put_u64(&mut fields, 0, offset);
+    put_u32(&mut fields, 8, clusters);
+    io.write_at(&fields, HEADER_REFTABLE_FIELDS)?;
+    io.flush()?;
+    Ok(())
 }
 
 /// The refcount blocks and table clusters needed so that `clusters` host clusters and
