@@ -9,6 +9,7 @@ use crate::format::be::{put_u32, put_u64, u64_table};
 use crate::format::refcount;
 use crate::format::{MAX_REFTABLE_BYTES, OFFSET_MASK};
 use crate::storage::Storage;
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 /// Bits 9..63 of a refcount table entry hold a refcount block's offset.
@@ -119,26 +120,28 @@ impl Refcounts {
     }
 
     fn load_block(&mut self, io: &dyn Storage, offset: u64) -> Result<&mut Block> {
-        if !self.blocks.contains_key(&offset) {
-            if !offset.is_multiple_of(self.cluster_size()) {
-                return Err(Error::corrupt(
-                    format!("Refblock offset {offset:#x} unaligned"),
-                    offset,
-                ));
-            }
-            // A block past the end of the file holds no refcounts: writing there
-            // would grow the file to wherever a damaged table entry points.
-            if offset >= io.len()? {
-                return Err(Error::corrupt(
-                    format!("Refblock offset {offset:#x} is past the end of the file"),
-                    offset,
-                ));
-            }
-            let mut data = vec![0u8; self.cluster_size() as usize];
-            io.read_at(&mut data, offset)?;
-            self.blocks.insert(offset, Block { data, dirty: false });
+        let cs = self.cluster_size();
+        let slot = match self.blocks.entry(offset) {
+            Entry::Occupied(e) => return Ok(e.into_mut()),
+            Entry::Vacant(v) => v,
+        };
+        if !offset.is_multiple_of(cs) {
+            return Err(Error::corrupt(
+                format!("Refblock offset {offset:#x} unaligned"),
+                offset,
+            ));
         }
-        Ok(self.blocks.get_mut(&offset).expect("inserted above"))
+        // A block past the end of the file holds no refcounts: writing there
+        // would grow the file to wherever a damaged table entry points.
+        if offset >= io.len()? {
+            return Err(Error::corrupt(
+                format!("Refblock offset {offset:#x} is past the end of the file"),
+                offset,
+            ));
+        }
+        let mut data = vec![0u8; cs as usize];
+        io.read_at(&mut data, offset)?;
+        Ok(slot.insert(Block { data, dirty: false }))
     }
 
     /// A zeroed block at `offset` in the cache, dirty.
